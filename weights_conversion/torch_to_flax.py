@@ -58,11 +58,11 @@ def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
 def _read_file(path: Path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} is missing")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
 
-            return load_file(str(path))
+        reader = lambda: load_file(str(path))
+    else:
         try:
             import torch
         except ImportError as e:
@@ -70,9 +70,14 @@ def _read_file(path: Path) -> dict[str, np.ndarray]:
                 f"{path} is a PyTorch pickle (*.bin): reading it needs torch (`pip install torch`), "
                 "or convert the folder to *.safetensors"
             ) from e
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
-    except (OSError, RuntimeError, ValueError) as e:
+
+        def reader() -> dict[str, np.ndarray]:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+
+    try:
+        return reader()
+    except Exception as e:  # safetensors and torch raise their own error types on corrupt files
         raise ConversionError(f"cannot read weights file {path}: {e}") from e
 
 

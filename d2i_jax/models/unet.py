@@ -332,7 +332,9 @@ class UNet2DConditionModel(nn.Module):
                 f"(image side divisible by {8 * self.downsample_factor} for SD)"
             )
         if context.shape[-1] != self.cross_attention_dim:
-            raise ValueError(f"UNet context width {context.shape[-1]} != cross_attention_dim {self.cross_attention_dim}")
+            raise ValueError(
+                f"UNet context width {context.shape[-1]} != cross_attention_dim {self.cross_attention_dim}"
+            )
         n_levels = len(self.block_out_channels)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
         temb = timestep_embedding(timesteps, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)

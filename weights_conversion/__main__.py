@@ -1,0 +1,41 @@
+"""Convert a diffusers Stable Diffusion folder into d2i_jax Flax params.
+
+    python -m weights_conversion --src <diffusers SD folder> --out <dir> [--dtype float32|bfloat16]
+
+Writes `<dir>/{unet,vae,text_encoder}/config.json` + `params/` (orbax checkpoints), copies `tokenizer/` and
+`scheduler/`, and `<dir>/d2i_jax.json`. `d2i_jax.models.load_stable_diffusion(<dir>)` loads the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax.numpy as jnp
+
+from d2i_jax.models.loading import COMPONENTS, convert_folder
+from weights_conversion.torch_to_flax import ConversionError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m weights_conversion", description=__doc__.splitlines()[0])
+    parser.add_argument("--src", required=True, help="diffusers folder (unet/, vae/, text_encoder/, tokenizer/)")
+    parser.add_argument("--out", required=True, help="output folder for the Flax params")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage dtype of the params")
+    parser.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated subset to convert")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = convert_folder(args.src, args.out, dtype=DTYPES[args.dtype], components=args.components.split(","))
+    except (ConversionError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"conversion failed: {e}", file=sys.stderr)
+        return 1
+    print(f"converted {args.src} -> {out} ({args.dtype}) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
