@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from d2i_jax.models.random_sd import SD_SCHEDULER, TINY_TEXT_ENCODER, write_char_tokenizer
+
 # Small configs exercising every code path of the SD1 / SD2 families.
 UNET_SD1 = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
@@ -43,24 +45,6 @@ VAE_SD15 = dict(
 )
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A character-level CLIP BPE vocabulary (no merges) in the real `tokenizer/` file layout."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = [chr(c) for c in range(33, 127)]
-    vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "do_lower_case": True,
-        "tokenizer_class": "CLIPTokenizer",
-    }))
-
-
-def tokenizer_vocab_size() -> int:
-    return 2 + 2 * (127 - 33)
-
-
 def make_sd_folder(folder: Path, *, unet: dict, vae: dict, clip: dict, seed: int = 0,
                    safe_serialization: bool = True) -> dict[str, Any]:
     """Random-initialised diffusers UNet / VAE and transformers CLIP saved with `save_pretrained`."""
@@ -72,19 +56,15 @@ def make_sd_folder(folder: Path, *, unet: dict, vae: dict, clip: dict, seed: int
         "unet": UNet2DConditionModel(**unet),
         "vae": AutoencoderKL(**vae),
         "text_encoder": CLIPTextModel(CLIPTextConfig(
-            vocab_size=tokenizer_vocab_size(), bos_token_id=0, eos_token_id=1, pad_token_id=1, **clip)),
+            vocab_size=TINY_TEXT_ENCODER["vocab_size"], bos_token_id=0, eos_token_id=1, pad_token_id=1, **clip)),
     }
     for name, model in models.items():
         _randomize_norms(model)
         model.eval()
         model.save_pretrained(folder / name, safe_serialization=safe_serialization)
-    write_tokenizer(folder / "tokenizer")
+    write_char_tokenizer(folder / "tokenizer")
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
-        "clip_sample": False,
-    }))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER))
     return models
 
 

@@ -132,3 +132,36 @@ def test_deprecated_vae_attention_names():
     assert flax_path("encoder.mid_block.attentions.0.query.weight") == (
         "encoder", "mid_block", "attentions_0", "to_q", "weight")
     assert flax_path("decoder.mid_block.attentions.0.proj_attn.bias")[-2:] == ("to_out_0", "bias")
+
+
+def test_random_sd_written_without_torch_loads_in_diffusers(tmp_path):
+    """The demo's torch-free export is a real diffusers folder: diffusers/transformers load it and agree."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from d2i_jax.models.random_sd import write_random_sd
+    from tests.sd_reference import nhwc
+
+    folder = write_random_sd(tmp_path / "tiny")
+    sd = load_stable_diffusion(folder)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    ctx = rng.standard_normal((1, 77, 64)).astype(np.float32)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), 7, torch.from_numpy(ctx)).sample
+    out = sd.unet.apply({"params": sd.params["unet"]}, x, 7, ctx)
+    np.testing.assert_allclose(out, nhwc(ref), atol=1e-4 * np.abs(nhwc(ref)).max())
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    img = rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        mean = vae.encode(torch.from_numpy(img.transpose(0, 3, 1, 2))).latent_dist.mean
+    jmean = sd.vae.apply({"params": sd.params["vae"]}, img, method="encode").mean
+    np.testing.assert_allclose(jmean, nhwc(mean), atol=1e-4 * np.abs(nhwc(mean)).max())
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    ids = sd.tokenizer(["a room"], padding="max_length", max_length=77, return_tensors="np").input_ids
+    with torch.no_grad():
+        hidden = text(torch.from_numpy(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(sd.text_encoder.apply({"params": sd.params["text_encoder"]}, ids), hidden,
+                               atol=1e-4 * np.abs(hidden).max())

@@ -1,0 +1,89 @@
+"""A random-weight Stable Diffusion written in the real diffusers folder layout, without torch.
+
+The embedded demo runs the exact code path of a real checkpoint (diffusers folder -> converter -> Flax) on a
+tiny SD-shaped model made here: Flax init, exported with PyTorch names and layouts to `*.safetensors`, plus
+the `config.json` files diffusers / transformers would write and a character-level CLIP tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+from safetensors.numpy import save_file
+
+from d2i_jax.models.loading import build_module, init_params
+from weights_conversion.flax_to_torch import to_state_dict
+
+# SD1.5's shape (4 levels, 2 layers per block, 25 block outputs, /8 VAE), at a width a CPU trains in minutes.
+TINY_UNET: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [32, 64, 64, 64],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "attention_head_dim": 2, "cross_attention_dim": 64, "norm_num_groups": 8,
+}
+TINY_VAE: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+    "block_out_channels": [16, 32, 32, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "norm_num_groups": 8, "scaling_factor": 0.18215, "sample_size": 256,
+}
+_FIRST_CHAR, _LAST_CHAR = 33, 127  # printable ASCII
+TINY_TEXT_ENCODER: dict[str, Any] = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+    "vocab_size": 2 + 2 * (_LAST_CHAR - _FIRST_CHAR), "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
+}
+SD_SCHEDULER: dict[str, Any] = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
+    "clip_sample": False,
+}
+_WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def write_char_tokenizer(folder: Path) -> None:
+    """A character-level CLIP BPE vocabulary (no merges) in the real `tokenizer/` file layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(_FIRST_CHAR, _LAST_CHAR)]
+    vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer",
+    }))
+
+
+def write_random_sd(
+    folder: str | Path,
+    *,
+    unet: dict[str, Any] = TINY_UNET,
+    vae: dict[str, Any] = TINY_VAE,
+    text_encoder: dict[str, Any] = TINY_TEXT_ENCODER,
+    seed: int = 0,
+) -> Path:
+    """Writes a random SD (default: the tiny demo model) as a diffusers folder; skips it if already complete."""
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    configs = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    for i, (name, config) in enumerate(configs.items()):
+        module = build_module(name, config)
+        params = init_params(name, module, jax.random.fold_in(jax.random.key(seed), i))
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        save_file(to_state_dict(params), str(folder / name / f"{_WEIGHT_FILES[name]}.safetensors"))
+        (folder / name / "config.json").write_text(json.dumps(config, indent=2))
+    write_char_tokenizer(folder / "tokenizer")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER, indent=2))
+    index = {"_class_name": "StableDiffusionPipeline", "_note": "random weights written by d2i_jax (demo)"}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))  # written last: marks completion
+    return folder
