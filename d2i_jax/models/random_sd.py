@@ -14,6 +14,7 @@ from typing import Any
 import jax
 from safetensors.numpy import save_file
 
+from d2i_jax.diffusion.schedule import SD15_SCHEDULER_CONFIG
 from d2i_jax.models.loading import build_module, init_params
 from weights_conversion.flax_to_torch import to_state_dict
 
@@ -40,11 +41,7 @@ TINY_TEXT_ENCODER: dict[str, Any] = {
     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
 }
-SD_SCHEDULER: dict[str, Any] = {
-    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
-    "clip_sample": False,
-}
+SD_SCHEDULER: dict[str, Any] = {"_class_name": "DDIMScheduler", **SD15_SCHEDULER_CONFIG}
 _WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 
 
