@@ -1,0 +1,228 @@
+"""Reader for the NYUv2 surface-normal layout of Bae et al. and the public Diff-2-in-1 code, as it is on disk.
+
+Layout (REFERENCE §3): `root/{train,test}/img/NNNNNN.png` (RGB), `root/{train,test}/norm/NNNNNN.png`
+(n = RGB / 255 · 2 - 1, invalid = (0, 0, 0)), optional `caption/NNNNNN.txt`, and optional split files
+`root/{train,test}.txt` with lines "train/img/x.png train/norm/x.png". The synthetic data of
+`d2i_jax.data.scenes.write_nyu_layout` adds `depth/NNNNNN.npy` and `semseg/NNNNNN.png`, read on request.
+
+`NyuNormals` is a random-access source (`__len__`, `__getitem__`) that `grain.MapDataset.source` accepts; every
+example is a dict keyed by `d2i_jax.data.keys`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from d2i_jax.data import keys
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+EXTRA_KEYS = (keys.DEPTH, keys.SEMSEG)
+
+
+class DatasetFileError(OSError):
+    """A dataset file exists but cannot be decoded, or does not have the expected shape / mode."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NyuRecord:
+    """Paths of one example; `caption`, `depth` and `semseg` may not exist on disk."""
+
+    image: Path
+    normal: Path
+
+    def sibling(self, folder: str, suffix: str) -> Path:
+        """`split/<folder>/<stem><suffix>` next to `split/img/` (caption, depth, semseg)."""
+        return self.image.parent.parent / folder / (self.image.stem + suffix)
+
+
+def list_examples(root: str | Path, split: str) -> list[NyuRecord]:
+    """Examples of `split`: from `root/<split>.txt` if present, else every image in `root/<split>/img/`, sorted."""
+    root = Path(root)
+    split_file = root / f"{split}.txt"
+    if split_file.is_file():
+        records = []
+        for line_no, line in enumerate(split_file.read_text().splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise DatasetFileError(f"{split_file}:{line_no}: expected 'img_path norm_path', got {line!r}")
+            records.append(NyuRecord(root / fields[0], root / fields[1]))
+        return records
+    img_dir = root / split / "img"
+    if not img_dir.is_dir():
+        raise FileNotFoundError(f"no split file {split_file} and no image folder {img_dir}")
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [NyuRecord(p, root / split / "norm" / (p.stem + ".png")) for p in images]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding (every failure names the file)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _load_png(path: Path, what: str, modes: Sequence[str]) -> Image.Image:
+    """Open and fully decode an image; missing or corrupt files raise errors that name `path`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's decoders raise all three
+        raise DatasetFileError(f"cannot decode {what} file {path}: {e}") from e
+    if im.mode not in modes:
+        raise DatasetFileError(f"{what} file {path} has mode {im.mode}, expected one of {tuple(modes)}")
+    return im
+
+
+def _resize(im: Image.Image, size: tuple[int, int] | None, resample: Image.Resampling) -> Image.Image:
+    if size is None or im.size == (size[1], size[0]):
+        return im
+    return im.resize((size[1], size[0]), resample)
+
+
+def decode_normals(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [H, W, 3] PNG pixels -> (unit normals float32, zero where invalid; valid mask = pixel not (0, 0, 0))."""
+    mask = np.any(rgb != 0, axis=-1)
+    n = rgb.astype(np.float32) / 255.0 * 2.0 - 1.0
+    norm = np.linalg.norm(n, axis=-1, keepdims=True)
+    n = np.where(mask[..., None], n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
+    return n, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Bae's training augmentation: horizontal flip (n_x negated) with probability 1/2, then colour jitter.
+
+    Jitter factors are drawn uniformly from [1 - x, 1 + x]; 0 disables one.
+    """
+
+    hflip: bool = True
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def augment(example: dict[str, Any], rng: np.random.Generator, config: Augment = Augment()) -> dict[str, Any]:
+    """Return an augmented copy of `example`; all randomness comes from `rng`, so a seeded rng is reproducible."""
+    out = dict(example)
+    if config.hflip and rng.random() < 0.5:
+        for key in (keys.IMAGE, keys.NORMAL, keys.MASK, keys.DEPTH, keys.SEMSEG):
+            if key in out:
+                out[key] = np.ascontiguousarray(out[key][:, ::-1])
+        if keys.NORMAL in out:
+            out[keys.NORMAL] = out[keys.NORMAL] * np.array([-1, 1, 1], np.float32)
+    factors = [rng.uniform(1 - x, 1 + x) if x > 0 else 1.0
+               for x in (config.brightness, config.contrast, config.saturation)]
+    if factors != [1.0, 1.0, 1.0]:
+        b, c, s = (np.float32(f) for f in factors)
+        x = (out[keys.IMAGE] + 1) * 0.5 * b
+        x = (x - (x @ _LUMA).mean()) * c + (x @ _LUMA).mean()
+        gray = (x @ _LUMA)[..., None]
+        x = gray + (x - gray) * s
+        out[keys.IMAGE] = (np.clip(x, 0, 1) * 2 - 1).astype(np.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The source
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class NyuNormals:
+    """Random-access NYUv2-normal examples: image [-1, 1], unit normals, mask, caption, id (and depth / semseg).
+
+    Args:
+      root: dataset folder (holding `train/`, `test/` and optionally `train.txt`, `test.txt`).
+      split: "train" or "test" (any folder name works).
+      size: (H, W) to resize to (image bilinear, antialiased when shrinking; normals, mask, depth and semseg
+        nearest, normals renormalised); None keeps the size on disk.
+      fallback_caption: caption of examples without `caption/NNNNNN.txt` (the public code's empty prompt is "").
+      extra_keys: any of "depth", "semseg" to read `depth/NNNNNN.npy` / `semseg/NNNNNN.png` as well.
+      augment: augmentation applied in `__getitem__`, seeded by (seed, index) so every read of an index gives the
+        same result; None (default) disables it. For augmentation that changes every epoch, leave this None and
+        pass `augment` to `d2i_jax.data.pipeline.make_loader(random_map=...)` instead.
+      seed: augmentation seed.
+    """
+
+    def __init__(
+        self, root: str | Path, split: str = "train", *, size: tuple[int, int] | None = None,
+        fallback_caption: str = "", extra_keys: Sequence[str] = (), augment: Augment | None = None, seed: int = 0,
+    ):
+        unknown = set(extra_keys) - set(EXTRA_KEYS)
+        if unknown:
+            raise ValueError(f"unknown extra keys {sorted(unknown)}; choose from {EXTRA_KEYS}")
+        self.root, self.split, self.size = Path(root), split, size
+        self.fallback_caption, self.extra_keys = fallback_caption, tuple(extra_keys)
+        self.augment, self.seed = augment, seed
+        self.records = list_examples(self.root, split)
+        if not self.records:
+            raise FileNotFoundError(f"no examples for split {split!r} under {self.root}")
+        for r in self.records:  # fail now, not hours into training
+            for path in (r.image, r.normal):
+                if not path.is_file():
+                    raise FileNotFoundError(f"{split} example listed but file not found: {path}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"NyuNormals(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, size={self.size})"
+
+    def caption(self, index: int) -> str:
+        """The caption file's text (stripped), or `fallback_caption` if the example has none."""
+        path = self.records[index].sibling("caption", ".txt")
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else self.fallback_caption
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Decode example `index` without augmentation."""
+        r = self.records[index]
+        img = _load_png(r.image, "image", ("RGB", "L", "RGBA", "P"))
+        norm = _load_png(r.normal, "normal", ("RGB",))
+        if img.size != norm.size:
+            raise DatasetFileError(f"image {r.image} is {img.size[0]}x{img.size[1]} but normal {r.normal} is "
+                                   f"{norm.size[0]}x{norm.size[1]}")
+        image = np.asarray(_resize(img.convert("RGB"), self.size, Image.Resampling.BILINEAR), np.float32)
+        normal, mask = decode_normals(np.asarray(_resize(norm, self.size, Image.Resampling.NEAREST)))
+        ex: dict[str, Any] = {
+            keys.IMAGE: image / 127.5 - 1.0, keys.NORMAL: normal, keys.MASK: mask,
+            keys.ID: np.int32(index), keys.CAPTION: self.caption(index),
+        }
+        if keys.DEPTH in self.extra_keys:
+            ex[keys.DEPTH] = self._depth(r.sibling("depth", ".npy"), img.size)
+        if keys.SEMSEG in self.extra_keys:
+            sem = _load_png(r.sibling("semseg", ".png"), "semseg", ("L", "P"))
+            ex[keys.SEMSEG] = np.asarray(_resize(sem, self.size, Image.Resampling.NEAREST)).astype(np.int32)
+        return ex
+
+    def _depth(self, path: Path, native: tuple[int, int]) -> np.ndarray:
+        if not path.is_file():
+            raise FileNotFoundError(f"depth file not found: {path}")
+        try:
+            depth = np.load(path)
+        except (OSError, ValueError) as e:
+            raise DatasetFileError(f"cannot read depth file {path}: {e}") from e
+        if depth.shape != (native[1], native[0]):
+            raise DatasetFileError(f"depth file {path} has shape {depth.shape}, expected {(native[1], native[0])}")
+        im = _resize(Image.fromarray(depth.astype(np.float32)), self.size, Image.Resampling.NEAREST)
+        return np.asarray(im, np.float32)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.load(index)
+        if self.augment is not None:
+            ex = augment(ex, np.random.default_rng([self.seed, index]), self.augment)
+        return ex

@@ -1,0 +1,104 @@
+"""grain input pipeline: shard by JAX process -> shuffle -> (random map) -> batch per epoch -> repeat -> iterate.
+
+The pipeline is a `grain.MapDataset` chain, so every element is addressed by its index: the iterator's state is a
+small dict (`get_state()` / `set_state()`, or orbax through `grain.checkpoint`), and restoring it reproduces the
+next batch exactly. Each epoch is shuffled differently (the shuffle seed is folded with the epoch) and batched on
+its own, so `drop_remainder` means "per epoch" and no batch mixes two epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+
+class RandomAccessSource(Protocol):
+    """What `grain.MapDataset.source` accepts: a length and integer indexing."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+def collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack examples key by key: arrays and scalars into arrays with a leading batch axis, strings into a
+    1-D NumPy object array (so captions keep their full length and survive pickling to worker processes)."""
+    batch: dict[str, Any] = {}
+    for key in examples[0]:
+        values = [ex[key] for ex in examples]
+        if isinstance(values[0], str):
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = values
+            batch[key] = arr
+        else:
+            batch[key] = np.stack([np.asarray(v) for v in values])
+    return batch
+
+
+def shard(ds: grain.MapDataset, index: int, count: int, *, equal: bool) -> grain.MapDataset:
+    """Elements index, index + count, ... of `ds`; with `equal`, first truncated to a multiple of `count` so that
+    every shard has the same length (processes must take the same number of steps)."""
+    if count == 1:
+        return ds
+    if equal:
+        ds = ds[: len(ds) // count * count]
+    return ds[index::count]
+
+
+def make_loader(
+    source: RandomAccessSource,
+    *,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_epochs: int | None = 1,
+    drop_remainder: bool = True,
+    shard_by_process: bool = True,
+    worker_count: int = 0,
+    random_map: Callable[[Any, np.random.Generator], Any] | None = None,
+    read_threads: int = 4,
+    prefetch_batches: int = 4,
+) -> grain.DatasetIterator:
+    """Build the per-process batch iterator over `source`.
+
+    Args:
+      source: random-access examples (dicts), e.g. `d2i_jax.data.nyu.NyuNormals`.
+      batch_size: examples per batch *on this process*.
+      shuffle: reshuffle every epoch (deterministically from `seed` and the epoch).
+      seed: seed of the shuffle and of `random_map`.
+      num_epochs: passes over the data; None repeats forever.
+      drop_remainder: drop each epoch's last partial batch; also evens out the shards across processes.
+      shard_by_process: give process `jax.process_index()` every `jax.process_count()`-th example.
+      worker_count: processes decoding batches (`mp_prefetch`); 0 decodes in threads of this process.
+      random_map: optional `fn(example, rng) -> example` (e.g. `functools.partial(nyu.augment, config=...)`),
+        applied per example with an rng derived from `seed` and the example's position in the stream, so it is
+        reproducible and differs between epochs.
+      read_threads: threads reading batches in each process.
+      prefetch_batches: batches read ahead in each process.
+
+    Returns:
+      A `grain.DatasetIterator` of dict batches (see `collate`); it has `get_state()` and `set_state(state)`.
+    """
+    ds = grain.MapDataset.source(source)
+    if shard_by_process:
+        ds = shard(ds, jax.process_index(), jax.process_count(), equal=drop_remainder)
+    if len(ds) == 0 or (drop_remainder and len(ds) < batch_size):
+        raise ValueError(f"{len(ds)} examples on this process cannot fill a batch of {batch_size} ({source!r})")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if random_map is not None:
+        ds = ds.random_map(random_map, seed=seed)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
+    if worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside `absl.app.run` use the defaults
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds)
