@@ -1,0 +1,48 @@
+"""Scalar logging to a JSONL file (one line per logged step) and TensorBoard event files, in the workdir."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+    """Writes `{"stage", "step", "time", **scalars}` lines to `metrics.jsonl` and the same scalars to TensorBoard.
+
+    Only process 0 writes; other processes' calls are no-ops.
+    """
+
+    def __init__(self, workdir: str | Path):
+        self._enabled = jax.process_index() == 0
+        if not self._enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (workdir / "metrics.jsonl").open("a")
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, stage: str, step: int, scalars: Mapping[str, float]) -> None:
+        if not self._enabled:
+            return
+        values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"stage": stage, "step": int(step), "time": time.time(), **values}) + "\n")
+        self._jsonl.flush()
+        for k, v in values.items():
+            self._tb.add_scalar(f"{stage}/{k}", v, int(step))
+
+    def flush(self) -> None:
+        if self._enabled:
+            self._jsonl.flush()
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._enabled:
+            self._jsonl.close()
+            self._tb.close()

@@ -1,0 +1,64 @@
+"""The Diff-2-in-1 feature path through Stable Diffusion (REFERENCE §1, discriminative use).
+
+image -> VAE posterior (sample, as the public code, or mean) x scaling factor -> `q_sample` at `t_feat`
+(t = 0 still adds a little noise: sqrt(alpha_bar_0) ~ 0.99957) -> one UNet pass with a text context -> block outputs.
+All functions are pure; the parameters are arguments, so the UNet can be frozen or trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from d2i_jax.diffusion.schedule import NoiseSchedule, q_sample
+from d2i_jax.models.unet import UNet2DConditionModel, UNetFeatures
+from d2i_jax.models.vae import AutoencoderKL, Posterior
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """The frozen-by-default SD parts of the perception path, with the schedule used to noise latents.
+
+    Attributes:
+      vae / unet: the Flax modules (their params are passed to each call).
+      schedule: the diffusion schedule (`q_sample` at `t_feat`).
+      t_feat: the timestep of the feature pass (0 in the public code).
+      sample_posterior: draw the latent from the VAE posterior (public code) instead of taking its mean.
+    """
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    schedule: NoiseSchedule
+    t_feat: int = 0
+    sample_posterior: bool = True
+
+    def posterior(self, vae_params: Any, images: jax.Array) -> Posterior:
+        """`[B, H, W, 3]` images in [-1, 1] -> the VAE posterior over unscaled latents (cacheable per image)."""
+        return self.vae.apply({"params": vae_params}, images, method="encode")
+
+    def latents(self, posterior: Posterior, rng: jax.Array) -> jax.Array:
+        """Scaled latents (the UNet's input space) from a posterior."""
+        z = posterior.sample(rng) if self.sample_posterior else posterior.mean
+        return z * self.vae.scaling_factor
+
+    def features(
+        self, unet_params: Any, latents: jax.Array, context: jax.Array, rng: jax.Array
+    ) -> UNetFeatures:
+        """Noises scaled latents to `t_feat` and returns the UNet block outputs of one pass."""
+        noise = jax.random.normal(rng, latents.shape, latents.dtype)
+        t = jnp.full((latents.shape[0],), self.t_feat, jnp.int32)
+        noisy = q_sample(self.schedule, latents, noise, t)
+        context = jnp.broadcast_to(context, (latents.shape[0], *context.shape[1:]))
+        _, feats = self.unet.apply({"params": unet_params}, noisy, t, context, return_features=True)
+        return feats
+
+    def image_features(
+        self, vae_params: Any, unet_params: Any, images: jax.Array, context: jax.Array, rng: jax.Array
+    ) -> UNetFeatures:
+        """images -> posterior -> latents -> `features`, with independent randomness for each draw."""
+        latent_rng, noise_rng = jax.random.split(rng)
+        return self.features(unet_params, self.latents(self.posterior(vae_params, images), latent_rng), context,
+                             noise_rng)

@@ -1,0 +1,1 @@
+"""Train state, pure steps, sharding and checkpointing."""
