@@ -1,29 +1,35 @@
-"""Embedded demo: runs on a CPU laptop in minutes with nothing downloaded.
+"""Embedded demo: every Diff-2-in-1 stage on a CPU laptop in minutes, nothing downloaded.
 
     python -m d2i_jax.main --config configs/demo.py --workdir /tmp/d2i_demo
 
-A tiny SD-shaped model with random weights is written in the diffusers layout and loaded through the same
-converter as real weights, so every stage runs the real code path. Random weights make generated RGB meaningless.
+The same code path as `configs/nyu.py`, with a tiny SD-shaped random-weight model written in the diffusers layout
+(and loaded through the converter) and procedurally rendered rooms in the NYUv2 layout. Random SD weights make the
+generated RGB meaningless; the perception head still learns from the (random) UNet features.
 """
 
 import ml_collections
 
+from configs import nyu
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.sd_path = ""  # empty: write and use a tiny random SD; else a diffusers or converted SD folder
-    config.stages = ("features",)
-
-    config.model = ml_collections.ConfigDict()
-    config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    config.model.attention_impl = "xla"  # xla | cudnn
-    config.model.t_feat = 0  # timestep of the feature pass (public code: 0)
-    config.model.sample_posterior = True  # latent = posterior sample (public code) or its mean
-
-    config.features = ml_collections.ConfigDict()
-    config.features.images = ()  # image files; empty: render `num_scenes` procedural scenes
-    config.features.num_scenes = 2
-    config.features.image_size = (256, 320)  # (H, W), divisible by 64
-    config.features.prompt = ""
-    return config
+    c = nyu.get_config()
+    c.sd_path = ""  # tiny random SD written into the workdir
+    c.data.root = ""  # procedural scenes rendered into the workdir
+    c.data.image_size = (128, 128)
+    c.data.scenes.num_train = 48
+    c.data.scenes.num_test = 16
+    c.data.scenes.size = (96, 128)
+    c.task.head.decoder_channels = (64, 32, 32, 16)
+    c.task.head.mlp_hidden = 32
+    c.fusion.reduce_channels = (128, 64, 32, 32)
+    c.fusion.deconv_channels = (16, 8)
+    c.train.lr = 1e-3
+    c.train.log_every = 5
+    c.train.checkpoint_every = 20
+    c.warmup.epochs = 15
+    c.self_improve.epochs = 5
+    c.generate.guidance_scale = 1.0
+    c.generate.num_samples = 2
+    c.features.image_size = (128, 128)
+    return c

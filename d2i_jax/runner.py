@@ -16,14 +16,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from jax.sharding import Mesh
 
 from d2i_jax import stages
+from d2i_jax.data.nyu import Augment, NyuNormals, augment
+from d2i_jax.data.scenes import write_nyu_layout
 from d2i_jax.diffusion.schedule import NoiseSchedule
 from d2i_jax.metric_writer import MetricWriter
 from d2i_jax.models.clip import embed_prompts
-from d2i_jax.models.loading import StableDiffusion, load_stable_diffusion
+from d2i_jax.models.loading import StableDiffusion, load_stable_diffusion, restore_params, save_params
 from d2i_jax.models.random_sd import write_random_sd
 from d2i_jax.perception.backbone import Backbone
+from d2i_jax.perception.fusion import FeatureFusion
+from d2i_jax.perception.model import DensePredictor, Perceiver
+from d2i_jax.tasks import TASKS
+from d2i_jax.training.sharding import make_mesh, replicated
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -47,7 +55,7 @@ class Run:
         """The Stable Diffusion checkpoint of `config.sd_path`, or (empty path) a tiny random one for the demo."""
         path = self.config.sd_path
         if not path:
-            logging.info("config.sd_path is empty: writing a tiny random-weight SD (demo backbone)")
+            print("config.sd_path is empty: writing a tiny random-weight SD (demo backbone)")
             path = write_random_sd(self.workdir / "random_sd", seed=self.config.seed)
         model = self.config.model
         return load_stable_diffusion(path, dtype=DTYPES[model.dtype], attention_impl=model.attention_impl)
@@ -68,10 +76,90 @@ class Run:
         """`[len(prompts), 77, width]` text contexts."""
         return embed_prompts(self.sd.text_encoder, self.sd.params["text_encoder"], self.sd.tokenizer, prompts)
 
+    def contexts(self, captions: list[str]) -> np.ndarray:
+        """Per-example UNet context for the perception path: the captions' embeddings with
+        `model.use_captions`, else `model.prompt`'s (the public code: the empty prompt) for every example."""
+        if self.config.model.use_captions:
+            return np.asarray(self.embed([c or self.config.data.fallback_caption for c in captions]))
+        one = np.asarray(self.prompt_embedding(self.config.model.prompt))
+        return np.broadcast_to(one, (len(captions), *one.shape[1:]))
+
+    # ------------------------------------------------------------------------------------------ model
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        return make_mesh(dict(self.config.mesh))
+
+    @functools.cached_property
+    def frozen(self) -> dict[str, Any]:
+        """The SD params the perception path reads without training them, replicated on the mesh."""
+        return jax.device_put({"vae": self.sd.params["vae"], "unet": self.sd.params["unet"]}, replicated(self.mesh))
+
+    @functools.cached_property
+    def task(self) -> Any:
+        cfg = self.config.task
+        if cfg.name not in TASKS:
+            raise ValueError(f"unknown task {cfg.name!r}; available: {sorted(TASKS)}")
+        return TASKS[cfg.name](loss=cfg.loss, head=cfg.head.to_dict())
+
+    @functools.cached_property
+    def perceiver(self) -> Perceiver:
+        fusion = FeatureFusion(**{k: tuple(v) if isinstance(v, list | tuple) else v
+                                  for k, v in self.config.fusion.items()})
+        return Perceiver(self.backbone, DensePredictor(fusion, self.task.make_head()),
+                         train_unet=self.config.model.train_unet)
+
+    def save_model(self, stage: str, params: Any, batch_stats: Any) -> None:
+        """Writes a stage's final model (params + norm state) to `workdir/<stage>/model`."""
+        save_params(self.stage_dir(stage) / "model", {"params": params, "batch_stats": batch_stats})
+
+    def load_model(self, stage: str) -> tuple[Any, Any]:
+        """(params, batch_stats) a previous stage saved; the error names the stage to run first."""
+        directory = self.workdir / stage / "model"
+        if not directory.exists():
+            raise FileNotFoundError(f"{directory} is missing: run the {stage!r} stage first (add it to config.stages)")
+        template = jax.eval_shape(lambda: dict(zip(("params", "batch_stats"), self.init_model(), strict=True)))
+        tree = restore_params(directory, template, jnp.float32)
+        return tree["params"], tree["batch_stats"]
+
+    def init_model(self) -> tuple[Any, Any]:
+        """Untrained (params, batch_stats) for `config.data.image_size` inputs."""
+        return self.perceiver.init(jax.random.key(self.config.seed), self.frozen, tuple(self.config.data.image_size),
+                                   jnp.asarray(self.contexts([""])))
+
+    # ------------------------------------------------------------------------------------------ data
+
+    @functools.cached_property
+    def data_root(self) -> Path:
+        """`config.data.root`, or (empty) procedural scenes rendered once into the workdir in the NYUv2 layout."""
+        cfg = self.config.data
+        if cfg.root:
+            return Path(cfg.root)
+        root = self.workdir / "scenes"
+        if not (root / "test.txt").exists():  # written last
+            print(f"config.data.root is empty: rendering {cfg.scenes.num_train} + {cfg.scenes.num_test} procedural "
+                  f"scenes into {root}")
+            write_nyu_layout(root, cfg.scenes.num_train, cfg.scenes.num_test, tuple(cfg.scenes.size), self.config.seed)
+        return root
+
+    def source(self, split: str, *, native_size: bool = False) -> NyuNormals:
+        """The NYUv2-layout split at the training resolution (or as stored, for evaluation)."""
+        cfg = self.config.data
+        return NyuNormals(self.data_root, split, size=None if native_size else tuple(cfg.image_size),
+                          fallback_caption=cfg.fallback_caption)
+
+    def augmentation(self) -> Any:
+        """`fn(example, rng)` for the loader (hflip with n_x negated, colour jitter), or None (public code: off)."""
+        aug = self.config.data.augment
+        if not (aug.hflip or aug.color_jitter):
+            return None
+        j = aug.color_jitter
+        return functools.partial(augment, config=Augment(hflip=aug.hflip, brightness=j, contrast=j, saturation=j))
+
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     """Runs `config.stages` in order in `workdir`, skipping the finished ones."""
-    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger().setLevel(logging.WARNING)
     unknown = [s for s in config.stages if s not in stages.REGISTRY]
     if unknown:
         raise ValueError(f"unknown stages {unknown} in config.stages; available: {sorted(stages.REGISTRY)}")
@@ -91,8 +179,3 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
         print(f"[{name}] done in {elapsed:.1f}s")
     r.writer.close()
     return r
-
-
-def tree_size(tree: Any) -> int:
-    """Number of scalars in a pytree (for logging model sizes)."""
-    return sum(x.size for x in jax.tree.leaves(tree))

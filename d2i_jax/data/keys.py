@@ -9,6 +9,7 @@ Per example (a batch adds a leading axis; captions become a NumPy object array o
 - `SEMSEG`  int32 [H, W] class ids, `IGNORE_INDEX` = ignore.
 - `ID`      int32 scalar, the example's index in its source.
 - `CAPTION` str, the text prompt describing the image.
+- `SYNTHETIC` bool scalar, True for generated images (their labels come from theta_C online).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ DEPTH = "depth"
 SEMSEG = "semseg"
 ID = "id"
 CAPTION = "caption"
+SYNTHETIC = "synthetic"
 
 IGNORE_INDEX = 255
 
-ALL_KEYS = (IMAGE, NORMAL, MASK, DEPTH, SEMSEG, ID, CAPTION)
+ALL_KEYS = (IMAGE, NORMAL, MASK, DEPTH, SEMSEG, ID, CAPTION, SYNTHETIC)

@@ -2,8 +2,13 @@
 
 from collections.abc import Callable
 
-from d2i_jax.stages import features
+from d2i_jax.stages import create, evaluate, features, generate, self_improve, warmup
 
 REGISTRY: dict[str, Callable] = {
     "features": features.run,
+    "warmup": warmup.run,
+    "create": create.run,
+    "self_improve": self_improve.run,
+    "evaluate": evaluate.run,
+    "generate": generate.run,
 }

@@ -1,0 +1,110 @@
+"""Diff-2-in-1 on NYUv2 surface normals: the public code's setting (REFERENCE §1).
+
+    python -m d2i_jax.main --config configs/nyu.py --workdir /ckpt/d2i_nyu \
+        --config.sd_path=/data/stable-diffusion-v1-5 --config.data.root=/data/nyu
+
+`sd_path`: SD v1.5 in the diffusers layout, or its converted folder (`python -m weights_conversion`).
+`data.root`: the Bae / public-code layout (`train/img`, `train/norm`, optional `train/caption`, `test/...`).
+Where the paper differs from the public code, the comment gives the paper's value (one override away).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.sd_path = ""  # required: SD v1.5 (diffusers folder or converted)
+    c.stages = ("warmup", "create", "self_improve", "evaluate", "generate")
+    c.mesh = {"data": -1, "fsdp": 1}
+
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "float32"  # the public code runs fp32; bfloat16 is faster on GPUs / TPUs
+    c.model.attention_impl = "xla"  # cudnn on NVIDIA GPUs (flash attention)
+    c.model.t_feat = 0  # timestep of the feature pass
+    c.model.sample_posterior = True  # public code: posterior sample x 0.18215; False: the mean
+    c.model.prompt = ""  # perception context: the empty prompt, embedded once per run
+    c.model.use_captions = False  # True: each image's caption as the perception context
+    c.model.train_unet = False  # frozen SD (paper Table B: fine-tuning is worse)
+    c.model.unet_lr_mult = 0.1  # when train_unet (VPD-style)
+
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "normals"
+    c.task.loss = "ug_angmf"  # UG-NLL AngMF; also ug_vmf, angular, l2
+    c.task.head = ml_collections.ConfigDict()
+    c.task.head.decoder_channels = (1024, 512, 256, 128)  # Bae GN decoder
+    c.task.head.sampling_ratio = 0.4  # uncertainty-guided sampling: N = 0.4 H W points per level
+    c.task.head.importance_ratio = 0.7  # 70 % lowest-kappa pixels, 30 % random
+
+    c.fusion = ml_collections.ConfigDict()
+    c.fusion.reduce_channels = (2048, 176, 64, 64)
+    c.fusion.target_strides = (32, 16, 8, 8)
+    c.fusion.deconv_channels = (40, 24)
+    c.fusion.spectral_norm = True
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = ""  # required: NYUv2 normals in the public code's layout
+    c.data.train_split = "train"  # 795 images
+    c.data.test_split = "test"  # 654 images
+    c.data.image_size = (512, 512)
+    c.data.fallback_caption = ""  # for images without caption/NNNNNN.txt
+    c.data.num_workers = 0
+    c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.hflip = False  # public code: no augmentation (Bae's recipe: hflip with n_x negated)
+    c.data.augment.color_jitter = 0.0  # Bae's recipe: 0.2
+    c.data.scenes = ml_collections.ConfigDict()  # used only when data.root is empty (procedural scenes)
+    c.data.scenes.num_train = 795
+    c.data.scenes.num_test = 654
+    c.data.scenes.size = (480, 640)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 8  # global
+    c.train.optimizer = "adam"  # public code: Adam, constant lr
+    c.train.lr = 3.57e-4
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 0.0  # Bae's recipe: 0.1
+    c.train.log_every = 10
+    c.train.checkpoint_every = 500
+    c.train.max_nonfinite_logs = 5  # consecutive logged non-finite losses before the run stops
+
+    c.warmup = ml_collections.ConfigDict()
+    c.warmup.epochs = 50
+
+    c.create = ml_collections.ConfigDict()
+    c.create.source = "partial"  # "noise": GNA baseline (pure Gaussian noise)
+    c.create.T = 600  # partial noise level (paper ablates 300 / 600 / 800)
+    c.create.num_steps = 50  # public code: timesteps 589, 577, ..., 13, 1
+    c.create.guidance_scale = 1.0  # no classifier-free guidance (public code)
+    c.create.eta = 0.0
+    c.create.num_images = -1  # public code: one per training image (795); paper: 500 on NYUv2 normals
+    c.create.batch_size = 8
+    c.create.seed = 0
+
+    c.self_improve = ml_collections.ConfigDict()
+    c.self_improve.epochs = 50
+    c.self_improve.ema_decay = 0.998  # paper: 0.998 (0.999 on PASCAL-Context), robust over 0.99-0.999
+    c.self_improve.ema_every_samples = 40  # paper: every 40 samples (batch 4: 10 steps); public code: 10 steps of 8
+    c.self_improve.mix = "pool"  # public code: one shuffled real + synthetic pool; "fixed": paper's Eq. 7
+    c.self_improve.real_per_batch = 4  # mix = "fixed" only
+    c.self_improve.synthetic_per_batch = 4
+
+    c.evaluate = ml_collections.ConfigDict()
+    c.evaluate.batch_size = 8
+    c.evaluate.num_pictures = 8
+
+    c.generate = ml_collections.ConfigDict()
+    c.generate.prompts = ()  # empty: the training captions
+    c.generate.num_samples = 4
+    c.generate.num_steps = 50
+    c.generate.T = 600  # for the partial-noise samples
+    c.generate.guidance_scale = 7.5
+    c.generate.eta = 0.0
+    c.generate.source = "noise"
+    c.generate.seed = 0
+
+    c.features = ml_collections.ConfigDict()  # the optional `features` stage (backbone inspection)
+    c.features.images = ()
+    c.features.num_scenes = 2
+    c.features.image_size = (512, 512)
+    c.features.prompt = ""
+    return c

@@ -1,0 +1,67 @@
+"""The perception model: SD backbone features -> fusion -> task head, as pure functions of explicit params.
+
+Trainable params are `{"head": ...}` (plus `"unet"` when the UNet is fine-tuned); the frozen SD params are a
+separate argument, so the train state (and theta_C's EMA) holds only what is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from d2i_jax.perception.backbone import Backbone
+from d2i_jax.perception.fusion import FeatureFusion, group_by_stride
+
+
+class DensePredictor(nn.Module):
+    """Fusion of the UNet block outputs followed by a task head."""
+
+    fusion: FeatureFusion
+    head: nn.Module
+
+    def __call__(self, block_outputs: list[jax.Array], image_size: tuple[int, int], *, train: bool,
+                 **head_kwargs: Any) -> Any:
+        skips = self.fusion(group_by_stride(block_outputs, image_size), image_size, train=train)
+        return self.head(skips, train=train, **head_kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Perceiver:
+    """image -> prediction. `train_unet` makes the UNet part of the trainable params (VPD / GenPercept style)."""
+
+    backbone: Backbone
+    predictor: DensePredictor
+    train_unet: bool = False
+
+    def block_outputs(self, params: Any, frozen: Any, images: jax.Array, context: jax.Array,
+                      rng: jax.Array) -> list[jax.Array]:
+        """UNet block outputs of `images` (frozen or trainable UNet)."""
+        unet = params["unet"] if self.train_unet else frozen["unet"]
+        feats = self.backbone.image_features(frozen["vae"], unet, images, context, rng)
+        return feats.block_outputs()
+
+    def head(self, params: Any, batch_stats: Any, block_outputs: list[jax.Array], image_size: tuple[int, int], *,
+             train: bool, **head_kwargs: Any) -> tuple[Any, Any]:
+        """Fusion + head; returns (outputs, updated batch_stats) (unchanged when not training)."""
+        variables = {"params": params["head"], "batch_stats": batch_stats}
+        if not train:
+            return self.predictor.apply(variables, block_outputs, image_size, train=False), batch_stats
+        out, updates = self.predictor.apply(variables, block_outputs, image_size, train=True,
+                                            mutable=["batch_stats"], **head_kwargs)
+        return out, updates["batch_stats"]
+
+    def init(self, rng: jax.Array, frozen: Any, image_size: tuple[int, int], context: jax.Array) -> tuple[Any, Any]:
+        """(params, batch_stats) for a model taking `image_size` images; the UNet copied in when trainable."""
+        images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+        shapes = jax.eval_shape(
+            lambda x: self.block_outputs({"unet": frozen["unet"]}, frozen, x, context, jax.random.key(0)), images)
+        feats = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+        variables = jax.jit(lambda r: self.predictor.init(r, feats, image_size, train=False))(rng)
+        params = {"head": variables["params"]}
+        if self.train_unet:
+            params["unet"] = frozen["unet"]
+        return params, variables.get("batch_stats", {})

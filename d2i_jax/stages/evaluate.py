@@ -1,0 +1,91 @@
+"""Stage `evaluate`: the paper's metrics on the test split for theta_W, theta_C and an untrained head.
+
+Images are resized to the model's input size, the prediction is resized back to the label's native size (public
+code: 640x480 on NYUv2) and errors are pooled over all valid pixels of all images (REFERENCE §1.3). Writes
+`workdir/metrics.json`, prints the table, and saves `evaluate/predictions.png` (RGB | GT | theta_W | theta_C | kappa).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from d2i_jax import viz
+from d2i_jax.data import keys
+from d2i_jax.data.pipeline import make_loader
+from d2i_jax.training.sharding import batch_sharding, global_batch, replicated
+from d2i_jax.training.steps import Steps
+
+if TYPE_CHECKING:
+    from d2i_jax.runner import Run
+
+MODELS = {"untrained": None, "theta_W": "warmup", "theta_C": "self_improve"}
+
+
+def _models(r: Run) -> dict[str, tuple[Any, Any]]:
+    out = {"untrained": r.init_model()}
+    for name, stage in MODELS.items():
+        if stage is not None and (r.workdir / stage / "model").exists():
+            out[name] = r.load_model(stage)
+    return out
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    cols = ["mean", "median", "rmse", "pct_5", "pct_7_5", "pct_11_25", "pct_22_5", "pct_30"]
+    heads = ["mean°", "median°", "rmse°", "<5°%", "<7.5°%", "<11.25°%", "<22.5°%", "<30°%"]
+    lines = [f"{'model':<10}" + "".join(f"{h:>10}" for h in heads)]
+    lines += [f"{name:<10}" + "".join(f"{m[c]:>10.2f}" for c in cols) for name, m in results.items()]
+    return "\n".join(lines)
+
+
+def run(r: Run) -> None:
+    cfg = r.config.evaluate
+    source = r.source(r.config.data.test_split, native_size=True)
+    models = _models(r)
+    mesh = r.mesh
+    steps = Steps(r.perceiver, r.task, None)
+    size = tuple(r.config.data.image_size)
+
+    def predict(params, stats, frozen, images, context, rng):
+        native = images.shape[1:3]
+        small = jax.image.resize(images, (images.shape[0], *size, 3), "bilinear", antialias=True)
+        return r.task.resize_prediction(steps.predict(params, stats, frozen, small, context, rng), native)
+
+    predict = jax.jit(predict, in_shardings=(replicated(mesh),) * 3 + (batch_sharding(mesh),) * 2 + (replicated(mesh),),
+                      out_shardings=batch_sharding(mesh))
+    accs = {name: r.task.new_metrics() for name in models}
+    rows = []
+    loader = make_loader(source, batch_size=cfg.batch_size // jax.process_count(), shuffle=False, num_epochs=1,
+                         drop_remainder=False)
+    for local in tqdm(loader, desc="evaluate", unit="batch", total=-(-len(source) // cfg.batch_size)):
+        n = len(local[keys.CAPTION])
+        pad = cfg.batch_size // jax.process_count() - n  # last partial batch: pad, then drop the padding
+        padded = {k: np.concatenate([v, np.repeat(v[:1], pad, 0)]) if pad else v for k, v in local.items()}
+        batch = global_batch(padded, mesh)
+        context = jax.make_array_from_process_local_data(batch_sharding(mesh),
+                                                         r.contexts(list(padded[keys.CAPTION])))
+        labels = {k: local[k] for k in r.task.label_keys}
+        preds = {}
+        for name, (params, stats) in models.items():
+            pred = np.asarray(jax.device_get(predict(params, stats, r.frozen, batch[keys.IMAGE], context,
+                                                     jax.random.key(r.config.seed))))[:n]
+            r.task.update_metrics(accs[name], jnp.asarray(pred), labels)
+            preds[name] = pred
+        for k in range(min(n, cfg.num_pictures - len(rows))):
+            row = [viz.image_to_uint8(local[keys.IMAGE][k]), r.task.label_picture({x: v[k] for x, v in labels.items()})]
+            row += [r.task.pictures(preds[name][k])["normal"] for name in preds if name != "untrained"]
+            last = list(preds)[-1]
+            row.append(r.task.pictures(preds[last][k])["uncertainty"])
+            rows.append(row)
+    results = {name: acc.result() for name, acc in accs.items()}
+    (r.workdir / "metrics.json").write_text(json.dumps(results, indent=2))
+    for name, m in results.items():
+        r.writer.write("evaluate", 0, {f"{name}/{k}": v for k, v in m.items()})
+    labels = ["image", "ground truth", *[n for n in models if n != "untrained"], f"kappa ({list(models)[-1]})"]
+    viz.save_grid(r.stage_dir("evaluate") / "predictions.png", rows, labels)
+    print(f"[evaluate] {len(source)} test images, angular error pooled over valid pixels:\n{format_table(results)}")

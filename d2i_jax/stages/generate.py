@@ -1,0 +1,56 @@
+"""Stage `generate`: multi-modal pairs Phi_gen(eps) from the final model (theta_C, else theta_W).
+
+From pure noise with `generate.prompts` (or the training captions), and from partial noise of real images:
+RGB | normal map | kappa (uncertainty) pictures side by side in `generate/from_noise.png` and
+`generate/from_partial_noise.png`. With the demo's random SD the RGB is meaningless; with SD1.5 it is an image.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d2i_jax import viz
+from d2i_jax.data import keys
+from d2i_jax.stages.create import generator
+
+if TYPE_CHECKING:
+    from d2i_jax.runner import Run
+
+
+def run(r: Run) -> None:
+    cfg = r.config.generate
+    stage = "self_improve" if (r.workdir / "self_improve" / "model").exists() else "warmup"
+    params, batch_stats = r.load_model(stage)
+    source = r.source(r.config.data.train_split)
+    n = cfg.num_samples
+    examples = [source[i % len(source)] for i in range(n)]
+    prompts = list(cfg.prompts) or [e[keys.CAPTION] for e in examples]
+    prompts = (prompts * n)[:n]
+    uncond = r.prompt_embedding("")
+    latent_shape = (*(s // 8 for s in r.config.data.image_size), r.sd.vae.latent_channels)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(cfg.seed), i))(jnp.arange(n))
+    out = r.stage_dir("generate")
+    for source_kind, name in (("noise", "from_noise"), ("partial", "from_partial_noise")):
+        gen = generator(r, _with_source(cfg, source_kind))
+        images = jnp.asarray(np.stack([e[keys.IMAGE] for e in examples]))
+        rgb, pred = jax.device_get(jax.jit(
+            lambda frozen, p, s, ctx, k, im, g=gen: g(frozen, p, s, ctx, uncond, k, im, latent_shape)
+        )(r.frozen, params, batch_stats, r.embed(prompts), rngs, images))
+        rows = [[viz.image_to_uint8(rgb[i]), *r.task.pictures(pred[i]).values()] for i in range(n)]
+        if source_kind == "partial":
+            rows = [[viz.image_to_uint8(examples[i][keys.IMAGE]), *row] for i, row in enumerate(rows)]
+        labels = (["real"] if source_kind == "partial" else []) + ["generated RGB", *r.task.pictures(pred[0]).keys()]
+        viz.save_grid(out / f"{name}.png", rows, labels)
+    (out / "prompts.txt").write_text("\n".join(prompts))
+    print(f"[generate] {n} pairs from noise and {n} from partial noise (labels by {stage}) in {out}")
+
+
+def _with_source(cfg, source: str):
+    section = cfg.copy_and_resolve_references()
+    with section.unlocked():
+        section.source = source
+    return section

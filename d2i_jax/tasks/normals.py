@@ -1,0 +1,87 @@
+"""Surface normals: Bae et al.'s head with uncertainty-guided refinement, UG-NLL losses, angular-error metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d2i_jax import viz
+from d2i_jax.data import keys
+from d2i_jax.losses import NORMAL_LOSSES
+from d2i_jax.metrics import NormalErrorAccumulator
+from d2i_jax.perception.normal_head import NormalHead, NormalHeadOutput, normal_training_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalsTask:
+    """Predictions are `[B, H, W, 4]`: unit normal and concentration κ (higher = more certain).
+
+    Attributes:
+      loss: a `d2i_jax.losses.NORMAL_LOSSES` name (`ug_angmf` default, `ug_vmf`, `angular`, `l2`).
+      head: `NormalHead` fields (decoder widths, sampling ratios, ...).
+    """
+
+    loss: str = "ug_angmf"
+    head: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    name = "normals"
+    label_keys = (keys.NORMAL, keys.MASK)
+
+    def __post_init__(self) -> None:
+        if self.loss not in NORMAL_LOSSES:
+            raise ValueError(f"unknown normal loss {self.loss!r}; choose from {sorted(NORMAL_LOSSES)}")
+
+    def make_head(self) -> NormalHead:
+        return NormalHead(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.head.items()})
+
+    def head_kwargs(self, labels: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
+        """Training-time head arguments: GT validity (excluded from importance sampling) and the sampling key."""
+        return {"gt_mask": labels[keys.MASK], "sampling_key": rng}
+
+    def loss_fn(self, outputs: NormalHeadOutput, labels: Mapping[str, jax.Array]) -> jax.Array:
+        return normal_training_loss(outputs, labels[keys.NORMAL], labels[keys.MASK], NORMAL_LOSSES[self.loss])
+
+    @staticmethod
+    def prediction(outputs: NormalHeadOutput) -> jax.Array:
+        """The full-resolution refined prediction `[B, H, W, 4]`."""
+        return outputs.maps[-1]
+
+    @staticmethod
+    def pseudo_labels(prediction: jax.Array) -> dict[str, jax.Array]:
+        """theta_C's prediction as a training target for a generated image: every pixel supervised."""
+        return {keys.NORMAL: prediction[..., :3], keys.MASK: jnp.ones(prediction.shape[:-1], bool)}
+
+    @staticmethod
+    def resize_prediction(prediction: jax.Array, size: tuple[int, int]) -> jax.Array:
+        """Bilinear resize to the label's native size, normals renormalised (evaluation at native resolution)."""
+        out = jax.image.resize(prediction, (prediction.shape[0], *size, prediction.shape[-1]), "bilinear")
+        n = out[..., :3] / jnp.maximum(jnp.linalg.norm(out[..., :3], axis=-1, keepdims=True), 1e-12)
+        return jnp.concatenate([n, out[..., 3:]], axis=-1)
+
+    @staticmethod
+    def new_metrics() -> NormalErrorAccumulator:
+        return NormalErrorAccumulator()
+
+    @staticmethod
+    def update_metrics(acc: NormalErrorAccumulator, prediction: jax.Array, labels: Mapping[str, Any]) -> None:
+        acc.update(prediction[..., :3], labels[keys.NORMAL], labels[keys.MASK])
+
+    @staticmethod
+    def pictures(prediction: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """uint8 pictures of one prediction: the normal map and κ as expected angular error."""
+        return {"normal": viz.normal_to_rgb(prediction[..., :3], mask),
+                "uncertainty": viz.uncertainty_to_rgb(prediction[..., 3], mask)}
+
+    @staticmethod
+    def label_picture(labels: Mapping[str, np.ndarray]) -> np.ndarray:
+        return viz.normal_to_rgb(labels[keys.NORMAL], labels[keys.MASK])
+
+    @staticmethod
+    def encode_label_png(prediction: np.ndarray) -> np.ndarray:
+        """uint8 RGB in the NYUv2 normal PNG encoding (n = RGB / 255 * 2 - 1)."""
+        return np.clip(np.round((prediction[..., :3] + 1) * 127.5), 1, 255).astype(np.uint8)

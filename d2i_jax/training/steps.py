@@ -1,0 +1,119 @@
+"""Pure steps: `train_step(state, frozen, batch, context)`, `predict(...)`, built once per stage and jitted.
+
+Synthetic examples (`batch["synthetic"]`) are labelled online, every step, by theta_C (the EMA params) under
+`stop_gradient`; real examples keep their ground truth. A step whose loss or gradient is not finite leaves
+params, norm statistics and optimiser state untouched and reports `skipped = 1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from d2i_jax.data import keys
+from d2i_jax.perception.model import Perceiver
+from d2i_jax.training.state import TrainState, update_ema
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The pure functions of one training stage.
+
+    Attributes:
+      perceiver: the perception model.
+      task: a `d2i_jax.tasks` task (head, loss, pseudo-labels).
+      tx: the optax optimiser of theta_E.
+      ema_decay: alpha of theta_C <- alpha * theta_C + (1 - alpha) * theta_E.
+      ema_every: steps between EMA updates; 0 disables the EMA (warm-up).
+    """
+
+    perceiver: Perceiver
+    task: Any
+    tx: optax.GradientTransformation
+    ema_decay: float = 0.998
+    ema_every: int = 0
+
+    def _labels(self, state: TrainState, frozen: Any, batch: Batch, feats: list[jax.Array] | None,
+                context: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
+        labels = {k: batch[k] for k in self.task.label_keys}
+        if keys.SYNTHETIC not in batch:
+            return labels
+        if feats is None:  # trainable UNet: theta_C has its own
+            feats = self.perceiver.block_outputs(state.ema_params, frozen, batch[keys.IMAGE], context, rng)
+        out, _ = self.perceiver.head(state.ema_params, state.ema_batch_stats, feats, batch[keys.IMAGE].shape[1:3],
+                                     train=False)
+        pseudo = self.task.pseudo_labels(self.task.prediction(out))
+        syn = batch[keys.SYNTHETIC]
+
+        def pick(p: jax.Array, real: jax.Array) -> jax.Array:
+            return jnp.where(syn.reshape(syn.shape + (1,) * (real.ndim - 1)), p.astype(real.dtype), real)
+
+        return jax.lax.stop_gradient(jax.tree.map(pick, pseudo, labels))
+
+    def train_step(self, state: TrainState, frozen: Any, batch: Batch, context: jax.Array
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimiser step of theta_E on `batch`, then theta_C's EMA update when it is due."""
+        rng = jax.random.fold_in(state.rng, state.step)
+        feat_rng, label_rng, sample_rng = jax.random.split(rng, 3)
+        images = batch[keys.IMAGE]
+        size = images.shape[1:3]
+        trainable_unet = self.perceiver.train_unet
+        feats = None if trainable_unet else self.perceiver.block_outputs(state.params, frozen, images, context,
+                                                                         feat_rng)
+        labels = self._labels(state, frozen, batch, feats, context, label_rng)
+
+        def loss_fn(params: Any) -> tuple[jax.Array, Any]:
+            f = self.perceiver.block_outputs(params, frozen, images, context, feat_rng) if trainable_unet else feats
+            out, new_stats = self.perceiver.head(params, state.batch_stats, f, size, train=True,
+                                                 **self.task.head_kwargs(labels, sample_rng))
+            return self.task.loss_fn(out, labels), new_stats
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            batch_stats=keep(new_stats, state.batch_stats),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        if self.ema_every:
+            state = update_ema(state, self.ema_decay, self.ema_every)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(state.params),
+                   "skipped": 1.0 - ok.astype(jnp.float32)}
+        return state, metrics
+
+    def predict(self, params: Any, batch_stats: Any, frozen: Any, images: jax.Array, context: jax.Array,
+                rng: jax.Array) -> jax.Array:
+        """Eval-mode dense prediction at the input resolution (e.g. `[B, H, W, 4]` for normals)."""
+        feats = self.perceiver.block_outputs(params, frozen, images, context, rng)
+        out, _ = self.perceiver.head(params, batch_stats, feats, images.shape[1:3], train=False)
+        return self.task.prediction(out)
+
+
+def make_optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0, grad_clip: float = 0.0,
+                   unet_lr_mult: float | None = None) -> optax.GradientTransformation:
+    """Adam (public code: constant 3.57e-4) or AdamW, optional global-norm clipping; `unet_lr_mult` scales the
+    UNet's learning rate when it is trained (VPD: 0.1)."""
+    def base(lr: float) -> optax.GradientTransformation:
+        if name == "adam":
+            return optax.adam(lr)
+        if name == "adamw":
+            return optax.adamw(lr, weight_decay=weight_decay)
+        raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'adamw'")
+
+    tx = base(learning_rate)
+    if unet_lr_mult is not None:
+        tx = optax.multi_transform({"head": tx, "unet": base(learning_rate * unet_lr_mult)},
+                                   lambda params: {k: k for k in params})
+    return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
+
