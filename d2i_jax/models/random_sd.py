@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from safetensors.numpy import save_file
 
 from d2i_jax.diffusion.schedule import SD15_SCHEDULER_CONFIG
-from d2i_jax.models.loading import build_module, init_params
+from d2i_jax.models.loading import build_module, param_shapes
 from weights_conversion.flax_to_torch import to_state_dict
 
 # SD1.5's shape (4 levels, 2 layers per block, 25 block outputs, /8 VAE), at a width a CPU trains in minutes.
@@ -59,6 +60,23 @@ def write_char_tokenizer(folder: Path) -> None:
     }))
 
 
+def random_params(component: str, module: Any, seed: int) -> Any:
+    """Random params for `module` drawn on the host (no compilation): kernels N(0, 1/fan_in) (flax's LeCun
+    scale), embeddings N(0, 1/width), biases 0, norm scales 1. Used for random-weight demo / test models, where
+    compiling flax's `init` for a UNet costs tens of seconds on a small CPU."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple[Any, ...], shape: jax.ShapeDtypeStruct) -> np.ndarray:
+        leaf = path[-1].key
+        if leaf == "kernel":
+            return rng.normal(0, 1 / np.sqrt(np.prod(shape.shape[:-1])), shape.shape).astype(np.float32)
+        if leaf == "embedding":
+            return rng.normal(0, 1 / np.sqrt(shape.shape[-1]), shape.shape).astype(np.float32)
+        return (np.ones if leaf == "scale" else np.zeros)(shape.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(component, module))
+
+
 def write_random_sd(
     folder: str | Path,
     *,
@@ -74,7 +92,7 @@ def write_random_sd(
     configs = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     for i, (name, config) in enumerate(configs.items()):
         module = build_module(name, config)
-        params = init_params(name, module, jax.random.fold_in(jax.random.key(seed), i))
+        params = random_params(name, module, seed + i)
         (folder / name).mkdir(parents=True, exist_ok=True)
         save_file(to_state_dict(params), str(folder / name / f"{_WEIGHT_FILES[name]}.safetensors"))
         (folder / name / "config.json").write_text(json.dumps(config, indent=2))

@@ -96,7 +96,7 @@ def _as_mask(mask: jax.Array) -> jax.Array:
     """`[B, H, W]` or `[B, H, W, 1]` mask -> `[B, H, W]` bool."""
     if mask.ndim == 4:
         mask = mask[..., 0]
-    return mask.astype(bool)
+    return jnp.asarray(mask).astype(bool)
 
 
 def _level_source_indices(level_hw: tuple[int, int], full_hw: tuple[int, int], align_corners: bool) -> jax.Array:

@@ -10,7 +10,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from d2i_jax.data import keys
@@ -69,12 +68,12 @@ def fit(r: Run, stage: str, steps: Steps, state: TrainState, source: Any, *, epo
             skipped_in_a_row = skipped_in_a_row + 1 if m["skipped"] else 0
             r.writer.write(stage, step, m)
             bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-            if not np.isfinite(m["loss"]):
-                tqdm.write(f"[{stage}] step {step}: non-finite loss {m['loss']}; update skipped")
+            if m["skipped"]:
+                tqdm.write(f"[{stage}] step {step}: non-finite loss or gradient (loss {m['loss']}); update skipped")
             if skipped_in_a_row >= cfg.max_nonfinite_logs:
                 raise FloatingPointError(
-                    f"[{stage}] non-finite loss at {skipped_in_a_row} consecutive logged steps (last: step {step}); "
-                    f"the last good checkpoint is in {ckpt.directory}; lower train.lr or check the data")
+                    f"[{stage}] non-finite loss or gradient at {skipped_in_a_row} consecutive logged steps (last: "
+                    f"step {step}); the last good checkpoint is in {ckpt.directory}; lower train.lr or check the data")
         if _is_due(step, cfg.checkpoint_every, total):
             ckpt.save(step, state, loader)
         if step >= total:
