@@ -1,0 +1,49 @@
+"""configs/nyu.py holds the public code's setting (REFERENCE §1); configs/demo.py only shrinks it."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs import demo, nyu
+from d2i_jax.diffusion.schedule import ddim_timesteps
+from d2i_jax.stages import REGISTRY
+
+
+def test_nyu_config_is_the_public_code_setting():
+    c = nyu.get_config()
+    assert c.stages == ("warmup", "create", "self_improve", "evaluate", "generate")
+    assert all(s in REGISTRY for s in c.stages)
+    # backbone and perception path (§1, §1.1)
+    assert c.model.t_feat == 0 and c.model.sample_posterior and c.model.prompt == ""
+    assert not c.model.train_unet  # SD frozen
+    assert c.data.image_size == (512, 512)
+    assert c.fusion.reduce_channels == (2048, 176, 64, 64) and c.fusion.deconv_channels == (40, 24)
+    assert c.fusion.target_strides == (32, 16, 8, 8) and c.fusion.spectral_norm
+    # head and loss (§1.2)
+    assert c.task.name == "normals" and c.task.loss == "ug_angmf"
+    assert c.task.head.decoder_channels == (1024, 512, 256, 128)
+    assert c.task.head.sampling_ratio == 0.4 and c.task.head.importance_ratio == 0.7
+    # optimisation: Adam 3.57e-4 constant, batch 8, 50 + 50 epochs, no augmentation, fp32
+    assert c.train.optimizer == "adam" and c.train.lr == pytest.approx(3.57e-4)
+    assert c.train.weight_decay == 0 and c.train.grad_clip == 0
+    assert c.train.batch_size == 8 and c.warmup.epochs == 50 and c.self_improve.epochs == 50
+    assert not c.data.augment.hflip and c.data.augment.color_jitter == 0
+    assert c.model.dtype == "float32"
+    # data creation (§1 stage 2): partial noise T = 600, 50 DDIM steps 589 ... 1, no CFG, one per image
+    assert c.create.source == "partial" and c.create.T == 600 and c.create.num_steps == 50
+    assert c.create.guidance_scale == 1.0 and c.create.eta == 0.0 and c.create.num_images == -1
+    timesteps = ddim_timesteps(1000, c.create.num_steps, start_t=c.create.T)
+    assert timesteps[0] == 589 and timesteps[-1] == 1 and len(set(timesteps[:-1] - timesteps[1:])) == 1
+    # self-improving (§1 stage 3): alpha 0.998, EMA every 40 samples, one shuffled real + synthetic pool
+    assert c.self_improve.ema_decay == 0.998 and c.self_improve.ema_every_samples == 40
+    assert c.self_improve.mix == "pool"
+    # evaluation on the 654-image test split
+    assert c.data.train_split == "train" and c.data.test_split == "test"
+
+
+def test_demo_config_keeps_the_code_path():
+    d, n = demo.get_config(), nyu.get_config()
+    assert d.stages == n.stages and d.task.name == n.task.name and d.task.loss == n.task.loss
+    assert d.sd_path == "" and d.data.root == ""  # tiny random SD and procedural scenes
+    assert all(s % 64 == 0 for s in d.data.image_size)
+    assert d.create.T == n.create.T and d.create.num_steps == n.create.num_steps
