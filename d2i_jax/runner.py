@@ -118,14 +118,19 @@ class Run:
         directory = self.workdir / stage / "model"
         if not directory.exists():
             raise FileNotFoundError(f"{directory} is missing: run the {stage!r} stage first (add it to config.stages)")
-        template = jax.eval_shape(lambda: dict(zip(("params", "batch_stats"), self.init_model(), strict=True)))
+        init = self._initializer()  # built outside the trace: the lazily built parts are cached on `self`
+        template = jax.eval_shape(lambda: dict(zip(("params", "batch_stats"), init(), strict=True)))
         tree = restore_params(directory, template, jnp.float32)
         return tree["params"], tree["batch_stats"]
 
     def init_model(self) -> tuple[Any, Any]:
         """Untrained (params, batch_stats) for `config.data.image_size` inputs."""
-        return self.perceiver.init(jax.random.key(self.config.seed), self.frozen, tuple(self.config.data.image_size),
-                                   jnp.asarray(self.contexts([""])))
+        return self._initializer()()
+
+    def _initializer(self) -> Any:
+        perceiver, frozen, context = self.perceiver, self.frozen, jnp.asarray(self.contexts([""]))
+        key, size = jax.random.key(self.config.seed), tuple(self.config.data.image_size)
+        return lambda: perceiver.init(key, frozen, size, context)
 
     # ------------------------------------------------------------------------------------------ data
 

@@ -77,7 +77,7 @@ class Steps:
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
         state = state.replace(
@@ -88,7 +88,7 @@ class Steps:
         )
         if self.ema_every:
             state = update_ema(state, self.ema_decay, self.ema_every)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(state.params),
+        metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(state.params),
                    "skipped": 1.0 - ok.astype(jnp.float32)}
         return state, metrics
 
