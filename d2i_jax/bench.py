@@ -62,8 +62,13 @@ SD_VAE: dict[str, Any] = {
     "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 512, "scaling_factor": 0.18215,
 }
-# The demo's tiny SD with one layer per block: CPU smoke runs are dominated by XLA compile time, not FLOPs.
-BENCH_TINY_UNET: dict[str, Any] = {**TINY_UNET, "layers_per_block": 1, "block_out_channels": [16, 32, 32, 32]}
+# The demo's tiny SD with one layer per block and cross-attention at the finest level only (every block type still
+# runs): CPU smoke runs are dominated by XLA compile time, which grows with the number of layers, not their width.
+BENCH_TINY_UNET: dict[str, Any] = {
+    **TINY_UNET, "layers_per_block": 1, "block_out_channels": [16, 32, 32, 32],
+    "down_block_types": ["CrossAttnDownBlock2D"] + ["DownBlock2D"] * 3,
+    "up_block_types": ["UpBlock2D"] * 3 + ["CrossAttnUpBlock2D"],
+}
 BENCH_TINY_SD21_UNET: dict[str, Any] = {**BENCH_TINY_UNET, "attention_head_dim": [2, 4, 4, 4],
                                         "cross_attention_dim": 96, "use_linear_projection": True}
 # Cheapest XLA CPU backend settings, used by --tiny on CPU only (its timings are not performance results).
@@ -165,6 +170,12 @@ def _num(v: float | None) -> str:
     return "n/a" if v is None else (f"{v:.1f}" if v >= 10 else f"{v:.3g}")
 
 
+def _bytes(m: Measurement | None) -> str:
+    if m is None or m.peak_bytes is None:
+        return "n/a"
+    return f"{m.peak_bytes / 2**30:.2f} GiB" if m.peak_bytes >= 2**30 else f"{m.peak_bytes / 2**20:.1f} MiB"
+
+
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
@@ -174,7 +185,7 @@ def format_table(rows: Sequence[Row], jax_peak: float | None, peer_peak: float |
     header = ("row", "JAX", "peer", "ratio", "JAX MFU", "peer MFU", "notes")
     body = [(f"{r.label} [{r.unit}]", _num(r.value(r.jax)), _num(r.value(r.peer)),
              "n/a" if r.ratio is None else f"{r.ratio:.2f}x", _pct(mfu(r.jax, jax_peak)), _pct(mfu(r.peer, peer_peak)),
-             r.notes) for r in rows]
+             r.notes or "-") for r in rows]
     widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header) - 1)]
     fmt = lambda line: " | ".join([*(c.ljust(w) for c, w in zip(line, widths, strict=False)), line[-1]]).rstrip()
     return "\n".join([fmt(header), "-+-".join("-" * w for w in [*widths, 5]), *(fmt(line) for line in body)])
@@ -212,17 +223,18 @@ def count_flops(lowered: jax.stages.Lowered) -> float | None:
 
 def random_params(shapes: Any, seed: int) -> Any:
     """Random variables for a tree of `ShapeDtypeStruct`s: kernels N(0, 1/fan_in), norm scales and variances 1,
-    biases and means 0. Cheaper than `init_params` (no init program to compile)."""
+    biases and means 0. Cheaper than `init_params`: filled on the host, so nothing is compiled."""
     rng = np.random.default_rng(seed)
 
     def fill(path: Any, s: jax.ShapeDtypeStruct) -> jax.Array:
         name = str(getattr(path[-1], "key", path[-1]))
         if name in ("scale", "var"):
-            return jnp.ones(s.shape, s.dtype)
-        if name in ("bias", "mean"):
-            return jnp.zeros(s.shape, s.dtype)
-        fan_in = max(math.prod(s.shape[:-1]), 1)
-        return jnp.asarray(rng.standard_normal(s.shape, np.float32) / np.sqrt(fan_in), s.dtype)
+            value = np.ones(s.shape, np.float32)
+        elif name in ("bias", "mean"):
+            value = np.zeros(s.shape, np.float32)
+        else:
+            value = rng.standard_normal(s.shape, np.float32) / np.float32(np.sqrt(max(math.prod(s.shape[:-1]), 1)))
+        return jnp.asarray(value, s.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
@@ -233,9 +245,16 @@ def device_bytes_in_use() -> int:
     return stats.get("bytes_in_use", 0) if stats else 0
 
 
-def _normals(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    n = jax.random.normal(rng, (*shape, 3))
-    return n / jnp.linalg.norm(n, axis=-1, keepdims=True)
+def host_random(seed: int, *shape: int, kind: str = "normal") -> jax.Array:
+    """Random inputs made on the host (no per-shape RNG program to compile): "normal", "image" (uniform in
+    [-1, 1]), "timestep" (int32 in [0, 1000)) or "unit" (unit vectors along the last axis)."""
+    rng = np.random.default_rng(seed)
+    if kind == "image":
+        return jnp.asarray(rng.uniform(-1.0, 1.0, shape).astype(np.float32))
+    if kind == "timestep":
+        return jnp.asarray(rng.integers(0, 1000, shape, dtype=np.int32))
+    x = rng.standard_normal(shape, np.float32)
+    return jnp.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True) if kind == "unit" else x)
 
 
 # ----------------------------------------------------------------------------------------------- the peer
@@ -300,9 +319,10 @@ class Peer:
     def best(self, make: Callable[[str], Callable[[], Any]], flops: float | None, *, memory: bool = False
              ) -> Measurement | None:
         """Times `make(variant)()` for every variant; the fastest as a Measurement (None if all failed)."""
-        best, tried = None, {}
+        fastest, tried = None, {}
         for variant in self.variants:
-            self.torch._dynamo.reset()
+            if "compile" in variant:
+                self.torch._dynamo.reset()  # each compiled variant starts from empty caches
             self.free()
             base = self.torch.cuda.memory_allocated() if self.cuda else 0
             if self.cuda:
@@ -315,12 +335,12 @@ class Peer:
                 continue
             tried[variant] = seconds
             peak = self.torch.cuda.max_memory_allocated() - base if (memory and self.cuda) else None
-            if best is None or seconds < best.seconds:
-                best = Measurement(seconds, flops, peak_bytes=peak, variant=variant)
+            if fastest is None or seconds < fastest.seconds:
+                fastest = Measurement(seconds, flops, peak_bytes=peak, variant=variant)
         self.free()
-        if best is not None:
-            best.tried = tried
-        return best
+        if fastest is not None:
+            fastest.tried = tried
+        return fastest
 
 
 # ----------------------------------------------------------------------------------------------- the JAX side
@@ -334,18 +354,30 @@ class Bench:
         self.suite, self.attention, self.warmup, self.repeats, self.peer = suite, attention, warmup, repeats, peer
         self.compiler_options = compiler_options
         self._params: dict[str, Any] = {}
-        self._heads: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._shapes: dict[Any, Any] = {}
         self._flops: dict[tuple[int, int], dict[str, float | None]] = {}
 
     def module(self, component: str, config: dict[str, Any], attention: str) -> nn.Module:
-        """bf16 compute, fp32 params."""
+        """bf16 compute, fp32 params. `attention` applies to the UNet; the VAE's single 512-wide attention head is
+        beyond cuDNN flash attention (head dim <= 256), so the VAE always uses XLA attention."""
+        attention = attention if component == "unet" else "xla"
         return build_module(component, config, dtype=jnp.bfloat16, param_dtype=jnp.float32, attention_impl=attention)
 
-    def params(self, name: str, component: str, config: dict[str, Any], *, cache: bool = True) -> Any:
-        if name in self._params:
+    def _shaped(self, key: Any, make: Callable[[], Any]) -> Any:
+        """`make()` (an `eval_shape` trace) once per key."""
+        if key not in self._shapes:
+            self._shapes[key] = make()
+        return self._shapes[key]
+
+    def params(self, name: str, component: str, config: dict[str, Any], *, fresh: bool = False) -> Any:
+        """Random fp32 params of an SD component, shared by the rows under `name`; `fresh`: new, unshared arrays
+        (for steps that donate them)."""
+        if name in self._params and not fresh:
             return self._params[name]
-        params = random_params(param_shapes(component, self.module(component, config, "xla")), len(self._params))
-        if cache:
+        shapes = self._shaped((component, repr(sorted(config.items()))),
+                              lambda: param_shapes(component, self.module(component, config, "xla")))
+        params = random_params(shapes, len(self._params))
+        if not fresh:
             self._params[name] = params
         return params
 
@@ -399,7 +431,7 @@ class Bench:
     # ------------------------------------------------------------------------------------------ shared parts
 
     def context(self, batch: int, width: int, seed: int = 0) -> jax.Array:
-        return jax.random.normal(jax.random.key(seed), (batch, self.suite.context_len, width))
+        return host_random(seed, batch, self.suite.context_len, width)
 
     def perceiver(self, attention: str) -> Perceiver:
         s = self.suite
@@ -416,17 +448,19 @@ class Bench:
         return {"vae": self.params("vae", "vae", s.vae), "unet": self.params("unet", "unet", s.unet)}
 
     def head_variables(self, size: tuple[int, int]) -> tuple[Any, Any]:
-        """Random (params, batch_stats) of the fusion + head via `eval_shape` (`Perceiver.init` compiles)."""
-        if size not in self._heads:
-            p, frozen = self.perceiver("xla"), self.frozen()
-            images = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
-            ctx = jax.ShapeDtypeStruct((1, self.suite.context_len, self.suite.unet["cross_attention_dim"]),
-                                       jnp.float32)
-            feats = jax.eval_shape(lambda x, c: p.block_outputs({}, frozen, x, c, jax.random.key(0)), images, ctx)
-            shapes = jax.eval_shape(lambda f: p.predictor.init(jax.random.key(0), f, size, train=False), feats)
-            variables = random_params(shapes, 100)
-            self._heads[size] = {"head": variables["params"]}, variables.get("batch_stats", {})
-        return self._heads[size]
+        """Fresh random (params, batch_stats) of the fusion + head, shapes by `eval_shape` (`Perceiver.init`
+        would compile an init program)."""
+        def shapes() -> Any:
+            p, s = self.perceiver("xla"), self.suite
+            spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+            latents = spec(1, size[0] // 8, size[1] // 8, p.backbone.vae.latent_channels)
+            unet = lambda u, z, t, c: p.backbone.unet.apply({"params": u}, z, t, c, return_features=True)[1]
+            feats = jax.eval_shape(lambda *a: unet(*a).block_outputs(), self.frozen()["unet"], latents,
+                                   spec(1, dtype=jnp.int32), spec(1, s.context_len, s.unet["cross_attention_dim"]))
+            return jax.eval_shape(lambda f: p.predictor.init(jax.random.key(0), f, size, train=False), feats)
+
+        variables = random_params(self._shaped(("head", size), shapes), 100)
+        return {"head": variables["params"]}, variables.get("batch_stats", {})
 
     def component_flops(self, batch: int, side: int) -> dict[str, float | None]:
         """Counted FLOPs of the VAE encoder, one UNet pass (with block outputs), the VAE decoder and the eval-mode
@@ -482,8 +516,7 @@ def row_a(b: Bench) -> list[Row]:
         return lambda p, x, t, c: unet.apply({"params": p}, x, t, c)
 
     for batch in s.batches_a:
-        x = jax.random.normal(jax.random.key(1), (batch, side, side, 4))
-        t = jax.random.randint(jax.random.key(2), (batch,), 0, 1000)
+        x, t = host_random(1, batch, side, side, 4), host_random(2, batch, kind="timestep")
         jm = b.time_jax(make, (params, x, t, b.context(batch, width)))
         jm.flops, source = _flops_or_fallback(jm.flops, b.reference_flops(batch, unet=1))
 
@@ -510,11 +543,10 @@ def row_b(b: Bench) -> list[Row]:
     width = s.unet["cross_attention_dim"]
     tx = make_optimizer("adamw", 1e-5, weight_decay=1e-2)
     base = device_bytes_in_use()
-    params = b.params("unet_train", "unet", s.unet, cache=False)  # donated to the step: not shared with other rows
-    state = {"params": params, "opt_state": tx.init(params)}
-    k = jax.random.split(jax.random.key(3), 3)
-    x, noise = jax.random.normal(k[0], (batch, side, side, 4)), jax.random.normal(k[1], (batch, side, side, 4))
-    t, ctx = jax.random.randint(k[2], (batch,), 0, 1000), b.context(batch, width)
+    params = b.params("unet", "unet", s.unet, fresh=True)  # donated to the step: not shared with other rows
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params)}  # one compile, not one per leaf shape
+    x, noise = host_random(3, batch, side, side, 4), host_random(4, batch, side, side, 4)
+    t, ctx = host_random(5, batch, kind="timestep"), b.context(batch, width)
 
     def make(attn: str) -> Callable[..., Any]:
         unet = b.module("unet", s.unet, attn)
@@ -550,9 +582,8 @@ def row_b(b: Bench) -> list[Row]:
         return call
 
     pm = b.peer.best(peer_make, jm.flops, memory=True) if b.peer else None
-    gib = lambda m: "n/a" if m is None or m.peak_bytes is None else f"{m.peak_bytes / 2**30:.2f} GiB"
     where = "device" if jax.devices()[0].memory_stats() else "XLA buffer estimate"
-    notes = f"peak mem JAX {gib(jm)} ({where}), peer {gib(pm)}"
+    notes = f"peak mem JAX {_bytes(jm)} ({where}), peer {_bytes(pm)}"
     return [Row("b", f"(b) fine-tune step, batch {batch}", "img/s", batch, jm, pm, notes, source)]
 
 
@@ -561,12 +592,12 @@ def row_c(b: Bench) -> list[Row]:
     s, batch, side = b.suite, b.suite.batch_c, b.suite.image_side
     width = s.unet["cross_attention_dim"]
     ctx = b.context(1, width)
-    params, stats = jax.tree.map(jnp.copy, b.head_variables((side, side)))  # the step donates them
+    params, stats = b.head_variables((side, side))
     tx = make_optimizer("adam", 3.57e-4)  # the public code's optimiser
-    state = TrainState.create(params, stats, tx, jax.random.key(4))
-    k = jax.random.split(jax.random.key(5), 2)
-    batch_dict = {keys.IMAGE: jax.random.uniform(k[0], (batch, side, side, 3), minval=-1.0, maxval=1.0),
-                  keys.NORMAL: _normals(k[1], (batch, side, side)), keys.MASK: jnp.ones((batch, side, side), bool)}
+    state = jax.jit(TrainState.create, static_argnums=2)(params, stats, tx, jax.random.key(4))
+    batch_dict = {keys.IMAGE: host_random(6, batch, side, side, 3, kind="image"),
+                  keys.NORMAL: host_random(7, batch, side, side, 3, kind="unit"),
+                  keys.MASK: jnp.asarray(np.ones((batch, side, side), bool))}
     make = lambda attn: Steps(b.perceiver(attn), b.task, tx).train_step
     jm = b.time_jax(make, (state, b.frozen(), batch_dict, ctx), stateful=True)
     del state
@@ -605,7 +636,7 @@ def row_d(b: Bench) -> list[Row]:
     width = s.unet["cross_attention_dim"]
     ctx, uncond = b.context(batch, width, seed=6), b.context(1, width, seed=7)
     params, stats = b.head_variables((side, side))
-    images = jax.random.uniform(jax.random.key(8), (batch, side, side, 3), minval=-1.0, maxval=1.0)
+    images = host_random(8, batch, side, side, 3, kind="image")
     rngs = jax.random.split(jax.random.key(9), batch)
 
     def make(attn: str) -> Callable[..., Any]:
@@ -676,7 +707,7 @@ def row_e(b: Bench) -> list[Row]:
         return one_step
 
     for side in s.one_step_sides:
-        x = jax.random.uniform(jax.random.key(10), (1, side, side, 3), minval=-1.0, maxval=1.0)
+        x = host_random(10, 1, side, side, 3, kind="image")
         jm = b.time_jax(make, (params, x, ctx))
         fallback = b.reference_flops(1, vae_encoder=1, unet=1, vae_decoder=1)
         jm.flops, source = _flops_or_fallback(jm.flops, fallback and fallback * (side / 512) ** 2)
@@ -746,6 +777,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     repeats = args.repeats if args.repeats is not None else (3 if args.tiny else 10)
     on_cpu = jax.default_backend() == "cpu"
     attention = args.attention or ("xla" if on_cpu else "cudnn")
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--attention cudnn needs an NVIDIA GPU; this JAX runs on {jax.default_backend()}")
     variants = (args.peer_variants.split(",") if args.peer_variants
                 else (PEER_VARIANTS[:2] if args.tiny else PEER_VARIANTS))
     peer = None if args.no_peer else Peer(suite, variants, warmup, repeats)
@@ -755,7 +788,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     peer_peak = None if peer is None else _peak(not peer.cuda, args.peak_tflops)
     device = jax.devices()[0]
     header = [f"d2i_jax bench ({suite.name}): jax {jax.__version__} on {device.platform}:{device.device_kind}, "
-              f"bf16 compute, fp32 params, attention={attention}; median of {repeats} after {warmup} warm-up"]
+              f"bf16 compute, fp32 params, UNet attention={attention}; median of {repeats} after {warmup} warm-up",
+              f"MFU: counted FLOPs / time / {jax_peak:g} TFLOP/s" if jax_peak else
+              "MFU: n/a (no peak for this device; --peak-tflops sets one)"]
     if peer is not None:
         import diffusers
 
@@ -777,8 +812,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         print(f"[bench] row {key} done in {time.perf_counter() - start:.1f}s", flush=True)
     rows = [r for key in sorted(results) for r in results[key]]
     for r in rows:
-        if r.peer is not None:
-            r.notes = "; ".join(x for x in (r.notes, f"peer best: {r.peer.variant}") if x)
+        extra = [] if r.flops_source == "XLA cost analysis" else [f"FLOPs: {r.flops_source}"]
+        extra += [f"peer best: {r.peer.variant}"] if r.peer is not None else []
+        r.notes = "; ".join(x for x in (r.notes, *extra) if x)
     print(format_table(rows, jax_peak, peer_peak), flush=True)
     if args.json:
         payload = {"header": header, "suite": suite.name, "attention": attention, "peak_tflops": jax_peak,

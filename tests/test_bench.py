@@ -1,0 +1,77 @@
+"""The benchmark's CPU smoke mode: every row runs (JAX and the PyTorch peer) and the table is complete.
+
+Timings are not asserted: this checks the code paths CI can reach, not speed (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import pytest
+
+from d2i_jax import bench
+
+
+def _expected_labels(suite: bench.Suite) -> list[str]:
+    """The row labels `python -m d2i_jax.bench` prints for `suite`, with their units."""
+    side = suite.image_side
+    return [
+        *(f"(a) UNet forward, batch {b} [img/s]" for b in suite.batches_a),
+        f"(b) fine-tune step, batch {suite.batch_b} [img/s]",
+        f"(c) D2I train step, batch {suite.batch_c}, {side}px [img/s]",
+        f"(d) data creation, batch {suite.batch_d}, {side}px [pairs/s]",
+        *(f"(e) one-step latency, batch 1, {s}px [ms]" for s in suite.one_step_sides),
+    ]
+
+
+def _table(stdout: str) -> dict[str, list[str]]:
+    """The printed table's cells by row label (the table is the last thing printed)."""
+    lines = stdout.rstrip().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("row "))
+    assert [c.strip() for c in lines[start].split(" | ")] == ["row", "JAX", "peer", "ratio", "JAX MFU", "peer MFU",
+                                                              "notes"]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split(" | ")] for line in lines[start + 2:])}
+
+
+def _positive(cell: str) -> float:
+    value = float(cell.removesuffix("x"))
+    assert math.isfinite(value) and value > 0, cell
+    return value
+
+
+def test_tiny_all_rows_with_peer(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    rows = bench.main(["--tiny", "--repeats", "1", "--warmup", "1", "--json", str(out)])
+    table = _table(capsys.readouterr().out)
+
+    assert list(table) == _expected_labels(bench.TINY)
+    on_cpu = jax.default_backend() == "cpu"
+    for label, (jax_cell, peer_cell, ratio, jax_mfu, peer_mfu, notes) in table.items():
+        j, p, r = _positive(jax_cell), _positive(peer_cell), _positive(ratio)
+        assert r == pytest.approx(j / p, rel=0.1), label  # cells are rounded
+        if on_cpu:
+            assert (jax_mfu, peer_mfu) == ("n/a", "n/a"), label
+        assert "peer best:" in notes, label
+    assert "peak mem JAX" in table[_expected_labels(bench.TINY)[2]][-1]
+
+    assert all(r.jax.flops and r.peer.flops for r in rows), "every row's FLOPs are counted"
+    payload = json.loads(out.read_text())
+    assert [r["label"] for r in payload["rows"]] == [r.label for r in rows]
+    assert all(r["value_jax"] > 0 and r["value_peer"] > 0 for r in payload["rows"])
+
+
+def test_rows_are_validated():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rows", "a,z"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--peer-variants", "eager,fast"])
+
+
+def test_table_without_peer():
+    m = bench.Measurement(seconds=0.5, flops=4e12)
+    row = bench.Row("a", "(a) UNet forward, batch 8", "img/s", 8, m, None)
+    text = bench.format_table([row], jax_peak=790.0, peer_peak=None)
+    cells = _table(text)["(a) UNet forward, batch 8 [img/s]"]
+    assert cells[:5] == ["16.0", "n/a", "n/a", "1.0%", "n/a"]  # 8 / 0.5 s; 4e12 / 0.5 s / 790e12
