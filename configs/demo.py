@@ -29,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 20
     c.warmup.epochs = 15
     c.self_improve.epochs = 5
+    c.self_improve.ema_decay = 0.9  # few steps here: theta_C must visibly follow theta_E (paper: 0.998)
+    c.self_improve.ema_every_samples = 16
     c.generate.guidance_scale = 1.0
     c.generate.num_samples = 2
     c.features.image_size = (128, 128)

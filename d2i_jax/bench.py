@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -37,7 +36,7 @@ import optax
 from d2i_jax.data import keys
 from d2i_jax.diffusion.schedule import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from d2i_jax.models.loading import build_module, param_shapes
-from d2i_jax.models.random_sd import TINY_UNET, TINY_VAE
+from d2i_jax.models.random_sd import TINY_UNET, TINY_VAE, random_fill
 from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.fusion import FeatureFusion
 from d2i_jax.perception.generation import PairGenerator
@@ -221,24 +220,6 @@ def count_flops(lowered: jax.stages.Lowered) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def random_params(shapes: Any, seed: int) -> Any:
-    """Random variables for a tree of `ShapeDtypeStruct`s: kernels N(0, 1/fan_in), norm scales and variances 1,
-    biases and means 0. Cheaper than `init_params`: filled on the host, so nothing is compiled."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path: Any, s: jax.ShapeDtypeStruct) -> jax.Array:
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name in ("scale", "var"):
-            value = np.ones(s.shape, np.float32)
-        elif name in ("bias", "mean"):
-            value = np.zeros(s.shape, np.float32)
-        else:
-            value = rng.standard_normal(s.shape, np.float32) / np.float32(np.sqrt(max(math.prod(s.shape[:-1]), 1)))
-        return jnp.asarray(value, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def device_bytes_in_use() -> int:
     """Bytes JAX holds on the default device now (0 where it keeps no statistics)."""
     stats = jax.devices()[0].memory_stats()
@@ -376,7 +357,7 @@ class Bench:
             return self._params[name]
         shapes = self._shaped((component, repr(sorted(config.items()))),
                               lambda: param_shapes(component, self.module(component, config, "xla")))
-        params = random_params(shapes, len(self._params))
+        params = random_fill(shapes, len(self._params))
         if not fresh:
             self._params[name] = params
         return params
@@ -459,7 +440,7 @@ class Bench:
                                    spec(1, dtype=jnp.int32), spec(1, s.context_len, s.unet["cross_attention_dim"]))
             return jax.eval_shape(lambda f: p.predictor.init(jax.random.key(0), f, size, train=False), feats)
 
-        variables = random_params(self._shaped(("head", size), shapes), 100)
+        variables = random_fill(self._shaped(("head", size), shapes), 100)
         return {"head": variables["params"]}, variables.get("batch_stats", {})
 
     def component_flops(self, batch: int, side: int) -> dict[str, float | None]:

@@ -67,11 +67,6 @@ def param_shapes(component: str, module: nn.Module) -> Any:
     return jax.eval_shape(module.init, jax.random.key(0), *_example_inputs(component, module))["params"]
 
 
-def init_params(component: str, module: nn.Module, rng: jax.Array) -> Any:
-    """Random parameters (for tests and the embedded demo)."""
-    return jax.jit(module.init)(rng, *_example_inputs(component, module))["params"]
-
-
 @dataclasses.dataclass
 class StableDiffusion:
     """Flax modules, their params and the tokenizer of one Stable Diffusion checkpoint.
@@ -138,7 +133,7 @@ def load_stable_diffusion(
       components: which of `unet`, `vae`, `text_encoder` to load.
       dtype: compute dtype of the modules (e.g. `jnp.bfloat16`); norms and softmax stay fp32.
       param_dtype: dtype of the returned params.
-      attention_impl: `"xla"` or `"cudnn"`.
+      attention_impl: `"xla"` or `"cudnn"` for the UNet and text encoder (the VAE always uses `"xla"`).
       load_tokenizer: also load `tokenizer/` with transformers' `CLIPTokenizer`.
 
     Raises:
@@ -154,7 +149,9 @@ def load_stable_diffusion(
     modules, params, configs = {}, {}, {}
     for c in components:
         configs[c] = _read_json(path / c / "config.json")
-        module = build_module(c, configs[c], dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+        # The VAE's single attention head is 512 wide, past cuDNN flash attention's limit: it stays on XLA.
+        impl = "xla" if c == "vae" else attention_impl
+        module = build_module(c, configs[c], dtype=dtype, param_dtype=param_dtype, attention_impl=impl)
         template = param_shapes(c, module)
         if converted:
             params[c] = restore_params(path / c / "params", template, param_dtype)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -60,21 +61,29 @@ def write_char_tokenizer(folder: Path) -> None:
     }))
 
 
-def random_params(component: str, module: Any, seed: int) -> Any:
-    """Random params for `module` drawn on the host (no compilation): kernels N(0, 1/fan_in) (flax's LeCun
-    scale), embeddings N(0, 1/width), biases 0, norm scales 1. Used for random-weight demo / test models, where
-    compiling flax's `init` for a UNet costs tens of seconds on a small CPU."""
+def random_fill(shapes: Any, seed: int) -> Any:
+    """Random variables for a tree of `ShapeDtypeStruct`s, drawn on the host (nothing to compile): norm scales and
+    variances 1, biases and means 0, everything else (kernels, embeddings, spectral-norm vectors) N(0, 1/fan_in)
+    with fan_in the product of all but the last axis (flax's LeCun scale). For random-weight demo / test / benchmark
+    models, where compiling flax's `init` for a UNet costs tens of seconds on a small CPU."""
     rng = np.random.default_rng(seed)
 
-    def draw(path: tuple[Any, ...], shape: jax.ShapeDtypeStruct) -> np.ndarray:
-        leaf = path[-1].key
-        if leaf == "kernel":
-            return rng.normal(0, 1 / np.sqrt(np.prod(shape.shape[:-1])), shape.shape).astype(np.float32)
-        if leaf == "embedding":
-            return rng.normal(0, 1 / np.sqrt(shape.shape[-1]), shape.shape).astype(np.float32)
-        return (np.ones if leaf == "scale" else np.zeros)(shape.shape, np.float32)
+    def fill(path: Any, s: jax.ShapeDtypeStruct) -> jax.Array:
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in ("scale", "var"):
+            value = np.ones(s.shape, np.float32)
+        elif name in ("bias", "mean"):
+            value = np.zeros(s.shape, np.float32)
+        else:
+            value = rng.standard_normal(s.shape, np.float32) / np.float32(np.sqrt(max(np.prod(s.shape[:-1]), 1)))
+        return jnp.asarray(value, s.dtype)
 
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(component, module))
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def random_params(component: str, module: Any, seed: int) -> Any:
+    """Random params of one SD component (`random_fill` of its param shapes)."""
+    return random_fill(param_shapes(component, module), seed)
 
 
 def write_random_sd(
