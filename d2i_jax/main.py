@@ -9,7 +9,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from d2i_jax import runner
+from d2i_jax import distributed, runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file returning get_config().",
                                           lock_config=True)
@@ -20,6 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize()  # multi-host jobs (TPU pod, SLURM, D2I_COORDINATOR); no-op on one process
     runner.run(_CONFIG.value, _WORKDIR.value)
 
 

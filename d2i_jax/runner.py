@@ -31,7 +31,7 @@ from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.fusion import FeatureFusion
 from d2i_jax.perception.model import DensePredictor, Perceiver
 from d2i_jax.tasks import TASKS
-from d2i_jax.training.sharding import make_mesh, replicated
+from d2i_jax.training.sharding import make_mesh, put_replicated
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -93,7 +93,7 @@ class Run:
     @functools.cached_property
     def frozen(self) -> dict[str, Any]:
         """The SD params the perception path reads without training them, replicated on the mesh."""
-        return jax.device_put({"vae": self.sd.params["vae"], "unet": self.sd.params["unet"]}, replicated(self.mesh))
+        return put_replicated({"vae": self.sd.params["vae"], "unet": self.sd.params["unet"]}, self.mesh)
 
     @functools.cached_property
     def task(self) -> Any:

@@ -19,12 +19,18 @@ import optax
 from jax.sharding import PartitionSpec
 
 from d2i_jax.data import keys
-from d2i_jax.training.sharding import BATCH_AXES, batch_sharding, global_batch, make_mesh, replicated
+from d2i_jax.training.sharding import BATCH_AXES, batch_sharding, global_batch, make_mesh, put_replicated, replicated
 from d2i_jax.training.state import TrainState
 from d2i_jax.training.steps import Steps
 from tests import tiny_pipeline
 
 BATCH_SPEC = PartitionSpec(BATCH_AXES)
+
+
+def trained(state: TrainState) -> list[np.ndarray]:
+    """theta_E and theta_C, params and norm state, as this process's copies (the state is replicated)."""
+    leaves = jax.tree.leaves((state.params, state.batch_stats, state.ema_params, state.ema_batch_stats))
+    return [np.asarray(x.addressable_data(0)) for x in leaves]
 
 
 def run(mesh, tiny, batch, context, num_steps: int):
@@ -35,18 +41,18 @@ def run(mesh, tiny, batch, context, num_steps: int):
     tx = optax.sgd(1e-2)
     steps = Steps(perceiver, task, tx, ema_decay=0.5, ema_every=1)
     rep, shard = replicated(mesh), batch_sharding(mesh)
-    state = jax.device_put(TrainState.create(params, stats, tx, jax.random.key(0)), rep)
+    state = put_replicated(TrainState.create(params, stats, tx, jax.random.key(0)), mesh)
     step = jax.jit(steps.train_step, in_shardings=(rep, rep, shard, shard), out_shardings=(rep, rep),
                    donate_argnums=(0,))
-    frozen = jax.device_put(frozen, rep)
+    frozen = put_replicated(frozen, mesh)
     batch = global_batch(batch, mesh)
     context = jax.make_array_from_process_local_data(shard, context)
     losses = []
     for _ in range(num_steps):
         state, metrics = step(state, frozen, batch, context)
-        losses.append(float(metrics["loss"]))
+        losses.append(float(metrics["loss"].addressable_data(0)))  # replicated: every process has it
     replicated_params = all(x.sharding.spec == PartitionSpec() for x in jax.tree.leaves(state.params))
-    return losses, jax.device_get(state), replicated_params, batch[keys.IMAGE].sharding.spec == BATCH_SPEC
+    return losses, state, replicated_params, batch[keys.IMAGE].sharding.spec == BATCH_SPEC
 
 
 def main() -> None:
@@ -57,10 +63,7 @@ def main() -> None:
     context = np.zeros((n, *tiny_pipeline.CONTEXT[1:]), np.float32)
     one = run(make_mesh({"data": 1}, jax.devices()[:1]), tiny, batch, context, 2)
     many = run(make_mesh({"data": -1}), tiny, batch, context, 2)
-    def trained(state: TrainState) -> list[jax.Array]:
-        return jax.tree.leaves((state.params, state.batch_stats, state.ema_params, state.ema_batch_stats))
-
-    sq = lambda xs: sum(float(jnp.sum(jnp.square(x))) for x in xs)
+    sq = lambda xs: sum(float(np.sum(np.square(x, dtype=np.float64))) for x in xs)
     diff = (sq([a - b for a, b in zip(trained(one[1]), trained(many[1]), strict=True)]) / sq(trained(one[1]))) ** 0.5
     print(json.dumps({"loss_1": one[0], f"loss_{n}": many[0], "rel_state_diff": diff,
                       "params_replicated": many[2], "batch_split": many[3]}))

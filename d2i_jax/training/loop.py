@@ -15,7 +15,7 @@ from tqdm import tqdm
 from d2i_jax.data import keys
 from d2i_jax.data.pipeline import make_loader
 from d2i_jax.training.checkpoint import Checkpointer
-from d2i_jax.training.sharding import batch_sharding, global_batch, replicated
+from d2i_jax.training.sharding import batch_sharding, global_batch, put_replicated, replicated
 from d2i_jax.training.state import TrainState
 from d2i_jax.training.steps import Steps
 
@@ -47,7 +47,7 @@ def fit(r: Run, stage: str, steps: Steps, state: TrainState, source: Any, *, epo
     if ckpt.latest_step is not None:
         state = ckpt.restore(state, loader)
         print(f"[{stage}] resumed from step {int(state.step)} ({ckpt.directory})")
-    state = jax.device_put(state, replicated(mesh))
+    state = put_replicated(state, mesh)
     step_fn = jax.jit(steps.train_step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh),
                                                       batch_sharding(mesh)),
                       out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))

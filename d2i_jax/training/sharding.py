@@ -61,3 +61,19 @@ def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
             continue
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Copies a host-side or single-device pytree (identical on every process) onto every device of `mesh`.
+
+    Unlike `jax.device_put`, this also works when the mesh spans several processes; PRNG key arrays included.
+    """
+    sharding = replicated(mesh)
+
+    def put(x: Any) -> Any:
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.make_array_from_process_local_data(sharding, np.asarray(jax.random.key_data(x)))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(put, tree)

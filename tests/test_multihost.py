@@ -1,0 +1,47 @@
+"""Two JAX processes on localhost (CPU, gloo) run the real train step on one global batch, each feeding its half;
+both must hold the state a single-process run on the whole batch produces."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    base = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = {**base, "D2I_COORDINATOR": f"127.0.0.1:{port}", "D2I_NUM_PROCESSES": "2", "D2I_PROCESS_ID": str(i)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.multihost_check", str(tmp_path)], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+    one_dir = tmp_path / "one"
+    one_dir.mkdir()
+    one = subprocess.run([sys.executable, "-m", "tests.multihost_check", str(one_dir)], cwd=ROOT, env=base,
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ref = json.loads((one_dir / "process_0.json").read_text())
+    assert ref["processes"] == 1 and ref["devices"] == 1
+    for i in range(2):
+        r = json.loads((tmp_path / f"process_{i}.json").read_text())
+        assert r["processes"] == 2 and r["devices"] == 2 and r["replicated"] and r["batch_split"]
+        assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        assert r["state_sq_norm"] == pytest.approx(ref["state_sq_norm"], rel=1e-5)
+        assert r["state_sum"] == pytest.approx(ref["state_sum"], rel=1e-4, abs=1e-3)
