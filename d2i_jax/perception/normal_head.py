@@ -351,7 +351,7 @@ class NormalHead(nn.Module):
 # ----------------------------------------------------------------------------------------------- loss
 
 
-def _renormalise(pred: jax.Array) -> jax.Array:
+def renormalise(pred: jax.Array) -> jax.Array:
     """Unit-length normal again after interpolation; κ unchanged."""
     n = pred[..., :3]
     n = n * jax.lax.rsqrt(jnp.maximum(jnp.sum(n * n, axis=-1, keepdims=True), 1e-24))
@@ -382,7 +382,7 @@ def normal_training_loss(
     if head_outputs.points is None or head_outputs.indices is None:
         raise ValueError("normal_training_loss needs training-time NormalHead outputs (train=True)")
     mask = _as_mask(gt_mask)
-    coarse = _renormalise(resize_bilinear_align_corners(head_outputs.maps[0], gt_normal.shape[1:3]))
+    coarse = renormalise(resize_bilinear_align_corners(head_outputs.maps[0], gt_normal.shape[1:3]))
     total = loss_fn(coarse, gt_normal, mask)
     levels = zip(head_outputs.maps[1:], head_outputs.points, head_outputs.indices, strict=True)
     for level_map, points, indices in levels:

@@ -24,13 +24,13 @@ from d2i_jax.training.steps import Steps
 if TYPE_CHECKING:
     from d2i_jax.runner import Run
 
-MODELS = {"untrained": None, "theta_W": "warmup", "theta_C": "self_improve"}
+TRAINED = {"theta_W": "warmup", "theta_C": "self_improve"}  # model name -> the stage that saves it
 
 
 def _models(r: Run) -> dict[str, tuple[Any, Any]]:
     out = {"untrained": r.init_model()}
-    for name, stage in MODELS.items():
-        if stage is not None and (r.workdir / stage / "model").exists():
+    for name, stage in TRAINED.items():
+        if (r.workdir / stage / "model").exists():
             out[name] = r.load_model(stage)
     return out
 
@@ -51,12 +51,13 @@ def run(r: Run) -> None:
     steps = Steps(r.perceiver, r.task, None)
     size = tuple(r.config.data.image_size)
 
-    def predict(params, stats, frozen, images, context, rng):
+    def predict(models, frozen, images, context, rng):
         native = images.shape[1:3]
         small = jax.image.resize(images, (images.shape[0], *size, 3), "bilinear", antialias=True)
-        return r.task.resize_prediction(steps.predict(params, stats, frozen, small, context, rng), native)
+        preds = steps.predict(models, frozen, small, context, rng)
+        return {name: r.task.resize_prediction(p, native) for name, p in preds.items()}
 
-    predict = jax.jit(predict, in_shardings=(replicated(mesh),) * 3 + (batch_sharding(mesh),) * 2 + (replicated(mesh),),
+    predict = jax.jit(predict, in_shardings=(replicated(mesh),) * 2 + (batch_sharding(mesh),) * 2 + (replicated(mesh),),
                       out_shardings=batch_sharding(mesh))
     accs = {name: r.task.new_metrics() for name in models}
     rows = []
@@ -70,12 +71,10 @@ def run(r: Run) -> None:
         context = jax.make_array_from_process_local_data(batch_sharding(mesh),
                                                          r.contexts(list(padded[keys.CAPTION])))
         labels = {k: local[k] for k in r.task.label_keys}
-        preds = {}
-        for name, (params, stats) in models.items():
-            pred = np.asarray(jax.device_get(predict(params, stats, r.frozen, batch[keys.IMAGE], context,
-                                                     jax.random.key(r.config.seed))))[:n]
+        preds = jax.device_get(predict(models, r.frozen, batch[keys.IMAGE], context, jax.random.key(r.config.seed)))
+        preds = {name: np.asarray(preds[name])[:n] for name in models}  # jit returns dicts key-sorted
+        for name, pred in preds.items():
             r.task.update_metrics(accs[name], jnp.asarray(pred), labels)
-            preds[name] = pred
         for k in range(min(n, cfg.num_pictures - len(rows))):
             row = [viz.image_to_uint8(local[keys.IMAGE][k]), r.task.label_picture({x: v[k] for x, v in labels.items()})]
             row += [r.task.pictures(preds[name][k])["normal"] for name in preds if name != "untrained"]

@@ -58,7 +58,8 @@ def run(r: Run) -> None:
     def forward(images: jax.Array, rng: jax.Array):
         posterior = bb.posterior(params["vae"], images)
         recon = bb.vae.apply({"params": params["vae"]}, posterior.mean, method="decode")
-        feats = bb.features(params["unet"], bb.latents(posterior, rng), context, rng)
+        latent_rng, noise_rng = jax.random.split(rng)
+        feats = bb.features(params["unet"], bb.latents(posterior, latent_rng), context, noise_rng)
         return recon, feats
 
     recon, feats = forward(images, jax.random.key(r.config.seed))

@@ -14,7 +14,7 @@ from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.losses import NORMAL_LOSSES
 from d2i_jax.metrics import NormalErrorAccumulator
-from d2i_jax.perception.normal_head import NormalHead, NormalHeadOutput, normal_training_loss
+from d2i_jax.perception.normal_head import NormalHead, NormalHeadOutput, normal_training_loss, renormalise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +59,8 @@ class NormalsTask:
     @staticmethod
     def resize_prediction(prediction: jax.Array, size: tuple[int, int]) -> jax.Array:
         """Bilinear resize to the label's native size, normals renormalised (evaluation at native resolution)."""
-        out = jax.image.resize(prediction, (prediction.shape[0], *size, prediction.shape[-1]), "bilinear")
-        n = out[..., :3] / jnp.maximum(jnp.linalg.norm(out[..., :3], axis=-1, keepdims=True), 1e-12)
-        return jnp.concatenate([n, out[..., 3:]], axis=-1)
+        return renormalise(jax.image.resize(prediction, (prediction.shape[0], *size, prediction.shape[-1]),
+                                            "bilinear"))
 
     @staticmethod
     def new_metrics() -> NormalErrorAccumulator:

@@ -92,12 +92,17 @@ class Steps:
                    "skipped": 1.0 - ok.astype(jnp.float32)}
         return state, metrics
 
-    def predict(self, params: Any, batch_stats: Any, frozen: Any, images: jax.Array, context: jax.Array,
-                rng: jax.Array) -> jax.Array:
-        """Eval-mode dense prediction at the input resolution (e.g. `[B, H, W, 4]` for normals)."""
-        feats = self.perceiver.block_outputs(params, frozen, images, context, rng)
-        out, _ = self.perceiver.head(params, batch_stats, feats, images.shape[1:3], train=False)
-        return self.task.prediction(out)
+    def predict(self, models: dict[str, tuple[Any, Any]], frozen: Any, images: jax.Array, context: jax.Array,
+                rng: jax.Array) -> dict[str, jax.Array]:
+        """Eval-mode dense predictions at the input resolution (e.g. `[B, H, W, 4]` for normals) of several
+        models `{name: (params, batch_stats)}`; with a frozen UNet they share one backbone pass."""
+        shared = None if self.perceiver.train_unet else self.perceiver.block_outputs({}, frozen, images, context, rng)
+        out = {}
+        for name, (params, batch_stats) in models.items():
+            feats = shared or self.perceiver.block_outputs(params, frozen, images, context, rng)
+            head_out, _ = self.perceiver.head(params, batch_stats, feats, images.shape[1:3], train=False)
+            out[name] = self.task.prediction(head_out)
+        return out
 
 
 def make_optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0, grad_clip: float = 0.0,
