@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.dtype = "float32"  # the public code runs fp32; bfloat16 is faster on GPUs / TPUs
-    c.model.attention_impl = "xla"  # cudnn on NVIDIA GPUs (flash attention)
+    c.model.attention_impl = "auto"  # cudnn flash attention on GPUs (per layer, where supported), else xla
+    c.model.remat_policy = "none"  # UNet remat for train_unet: full, dots, dots_no_batch (less memory, more compute)
     c.model.t_feat = 0  # timestep of the feature pass
     c.model.sample_posterior = True  # public code: posterior sample x 0.18215; False: the mean
     c.model.prompt = ""  # perception context: the empty prompt, embedded once per run

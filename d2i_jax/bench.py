@@ -37,6 +37,7 @@ from d2i_jax.data import keys
 from d2i_jax.diffusion.schedule import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from d2i_jax.models.loading import build_module, param_shapes
 from d2i_jax.models.random_sd import TINY_UNET, TINY_VAE, random_fill
+from d2i_jax.models.unet import REMAT_POLICIES
 from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.fusion import FeatureFusion
 from d2i_jax.perception.generation import PairGenerator
@@ -331,18 +332,20 @@ class Bench:
     """Shared state of one run: the suite, JAX modules and params, timing settings and the peer (or None)."""
 
     def __init__(self, suite: Suite, *, attention: str, warmup: int, repeats: int, peer: Peer | None,
-                 compiler_options: dict[str, Any] | None = None):
+                 compiler_options: dict[str, Any] | None = None, remat_policy: str = "none"):
         self.suite, self.attention, self.warmup, self.repeats, self.peer = suite, attention, warmup, repeats, peer
+        self.remat_policy = remat_policy  # row (b)'s UNet only
         self.compiler_options = compiler_options
         self._params: dict[str, Any] = {}
         self._shapes: dict[Any, Any] = {}
         self._flops: dict[tuple[int, int], dict[str, float | None]] = {}
 
-    def module(self, component: str, config: dict[str, Any], attention: str) -> nn.Module:
-        """bf16 compute, fp32 params. `attention` applies to the UNet; the VAE's single 512-wide attention head is
-        beyond cuDNN flash attention (head dim <= 256), so the VAE always uses XLA attention."""
-        attention = attention if component == "unet" else "xla"
-        return build_module(component, config, dtype=jnp.bfloat16, param_dtype=jnp.float32, attention_impl=attention)
+    def module(self, component: str, config: dict[str, Any], attention: str, remat_policy: str = "none"
+               ) -> nn.Module:
+        """bf16 compute, fp32 params. Attention layers cuDNN cannot run (the VAE's single 512-wide head) fall back
+        to XLA by themselves; `remat_policy` applies to the UNet."""
+        return build_module(component, config, dtype=jnp.bfloat16, param_dtype=jnp.float32, attention_impl=attention,
+                            remat_policy=remat_policy)
 
     def _shaped(self, key: Any, make: Callable[[], Any]) -> Any:
         """`make()` (an `eval_shape` trace) once per key."""
@@ -529,8 +532,8 @@ def row_b(b: Bench) -> list[Row]:
     x, noise = host_random(3, batch, side, side, 4), host_random(4, batch, side, side, 4)
     t, ctx = host_random(5, batch, kind="timestep"), b.context(batch, width)
 
-    def make(attn: str) -> Callable[..., Any]:
-        unet = b.module("unet", s.unet, attn)
+    def make(attn: str, remat_policy: str = b.remat_policy) -> Callable[..., Any]:
+        unet = b.module("unet", s.unet, attn, remat_policy)
 
         def step(state: Any, x: jax.Array, t: jax.Array, ctx: jax.Array, noise: jax.Array) -> tuple[Any, jax.Array]:
             loss_fn = lambda p: jnp.mean((unet.apply({"params": p}, x, t, ctx).astype(jnp.float32) - noise) ** 2)
@@ -540,8 +543,13 @@ def row_b(b: Bench) -> list[Row]:
         return step
 
     del params
+    remat = b.remat_policy != "none"
+    # MFU counts the model's FLOPs: remat's recomputation is not useful work (counted before `state` is donated).
+    model_flops = b.flops(lambda attn: make(attn, "none"), (state, x, t, ctx, noise)) if remat else None
     jm = b.time_jax(make, (state, x, t, ctx, noise), stateful=True, memory_base=base)
     del state
+    if remat:
+        jm.flops = model_flops
     jm.flops, source = _flops_or_fallback(jm.flops, b.reference_flops(batch, unet=3))
 
     def peer_make(variant: str) -> Callable[[], Any]:
@@ -565,6 +573,7 @@ def row_b(b: Bench) -> list[Row]:
     pm = b.peer.best(peer_make, jm.flops, memory=True) if b.peer else None
     where = "device" if jax.devices()[0].memory_stats() else "XLA buffer estimate"
     notes = f"peak mem JAX {_bytes(jm)} ({where}), peer {_bytes(pm)}"
+    notes += f"; JAX remat {b.remat_policy}" if remat else ""
     return [Row("b", f"(b) fine-tune step, batch {batch}", "img/s", batch, jm, pm, notes, source)]
 
 
@@ -730,6 +739,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"peak for MFU (default {DEFAULT_PEAK_TFLOPS:g} on GPU, MFU n/a on CPU)")
     p.add_argument("--attention", choices=("cudnn", "xla"), default=None, help="default: cudnn on GPU, else xla")
+    p.add_argument("--remat-policy", "--remat_policy", dest="remat_policy", choices=tuple(REMAT_POLICIES),
+                   default="none", help="row (b): rematerialisation of the JAX UNet's resnets / transformers")
     p.add_argument("--no-peer", action="store_true", help="JAX only")
     p.add_argument("--peer-variants", default=None,
                    help=f"comma-separated subset of {','.join(PEER_VARIANTS)} (default: all; tiny: eager,channels_last "
@@ -764,7 +775,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                 else (PEER_VARIANTS[:2] if args.tiny else PEER_VARIANTS))
     peer = None if args.no_peer else Peer(suite, variants, warmup, repeats)
     options = TINY_CPU_COMPILER_OPTIONS if (args.tiny and on_cpu) else None
-    bench = Bench(suite, attention=attention, warmup=warmup, repeats=repeats, peer=peer, compiler_options=options)
+    bench = Bench(suite, attention=attention, warmup=warmup, repeats=repeats, peer=peer, compiler_options=options,
+                  remat_policy=args.remat_policy)
     jax_peak = _peak(on_cpu, args.peak_tflops)
     peer_peak = None if peer is None else _peak(not peer.cuda, args.peak_tflops)
     device = jax.devices()[0]

@@ -58,7 +58,8 @@ class Run:
             print("config.sd_path is empty: writing a tiny random-weight SD (demo backbone)")
             path = write_random_sd(self.workdir / "random_sd", seed=self.config.seed)
         model = self.config.model
-        return load_stable_diffusion(path, dtype=DTYPES[model.dtype], attention_impl=model.attention_impl)
+        return load_stable_diffusion(path, dtype=DTYPES[model.dtype], attention_impl=model.attention_impl,
+                                     remat_policy=model.remat_policy)
 
     @functools.cached_property
     def backbone(self) -> Backbone:

@@ -2,6 +2,8 @@
 
 Every attention in the project goes through `dot_product_attention`, so switching the kernel
 (`xla` reference einsums or cuDNN flash attention) is one argument. Softmax always runs in fp32.
+The requested kernel is resolved per call from static shapes and dtypes (`resolve_attention_impl`): a layer
+cuDNN cannot run (the VAE's 512-wide head, fp32 inputs) falls back to XLA on its own, the others keep cuDNN.
 """
 
 from __future__ import annotations
@@ -12,9 +14,62 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-AttentionImpl = Literal["xla", "cudnn"]
-ATTENTION_IMPLS = ("xla", "cudnn")
+AttentionImpl = Literal["auto", "xla", "cudnn"]
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# Input dtypes of cuDNN flash attention (jax 0.10 `fused_attention_stablehlo`; fp8 is not used here).
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def cudnn_max_head_dim() -> int:
+    """cuDNN flash attention's head-dim limit on the default device: 256 from Hopper (sm90) on, 128 on older NVIDIA
+    GPUs, 0 (nothing runs on cuDNN) on a device without a CUDA compute capability, e.g. a ROCm GPU."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        major = int(str(capability).split(".")[0])
+    except ValueError:
+        return 0
+    return 256 if major >= 9 else 128
+
+
+def resolve_attention_impl(
+    requested: str,
+    head_dim: int,
+    dtype: jnp.dtype,
+    *,
+    backend: str | None = None,
+    max_head_dim: int | None = None,
+) -> Literal["xla", "cudnn"]:
+    """The kernel one attention call runs with, decided statically from its head dim and dtype.
+
+    Args:
+      requested: `"auto"` (cuDNN on a GPU backend, XLA elsewhere), `"xla"` or `"cudnn"`.
+      head_dim: per-head width of the queries (and values).
+      dtype: the dtype of q / k / v.
+      backend: the JAX backend (`"gpu"`, `"cpu"`, `"tpu"`); default `jax.default_backend()`.
+      max_head_dim: cuDNN's head-dim limit; default `cudnn_max_head_dim()` (from the default device).
+
+    Returns:
+      `"cudnn"` when cuDNN is requested (or `"auto"` on a GPU) and flash attention supports the call - head dim a
+      multiple of 8 and at most `max_head_dim`, bf16 / fp16 inputs - else `"xla"`.
+
+    Raises:
+      ValueError: `requested` is not one of `ATTENTION_IMPLS`, or is `"cudnn"` on a backend other than GPU (a
+        misconfiguration, not a per-layer limitation: use `"auto"` for configs that also run elsewhere).
+    """
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {requested!r}")
+    backend = backend or jax.default_backend()
+    if requested == "xla" or (requested == "auto" and backend != "gpu"):
+        return "xla"
+    if backend != "gpu":
+        raise ValueError(f"attention implementation 'cudnn' needs a GPU backend, this JAX runs on {backend!r}; "
+                         "use 'auto' (cudnn on GPUs, else xla) or 'xla'")
+    if max_head_dim is None:
+        max_head_dim = cudnn_max_head_dim()
+    supported = head_dim % 8 == 0 and head_dim <= max_head_dim and np.dtype(dtype) in CUDNN_DTYPES
+    return "cudnn" if supported else "xla"
 
 
 def dot_product_attention(
@@ -33,15 +88,14 @@ def dot_product_attention(
       k: keys `[B, S, H*D]`.
       v: values `[B, S, H*D]`.
       num_heads: number of heads H the last axis is split into.
-      implementation: `"xla"` (portable, fp32 softmax) or `"cudnn"` (fused flash attention on
-        NVIDIA GPUs; needs bf16/fp16 inputs).
+      implementation: `"xla"` (portable, fp32 softmax), `"cudnn"` (fused flash attention on NVIDIA GPUs; calls
+        it does not support fall back to XLA, see `resolve_attention_impl`) or `"auto"` (cuDNN on a GPU).
       is_causal: mask out keys after each query (CLIP's text transformer).
 
     Returns:
       `[B, T, H*D]` attention output in the dtype of `q`.
     """
-    if implementation not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {implementation!r}")
+    implementation = resolve_attention_impl(implementation, q.shape[-1] // num_heads, q.dtype)
     split = lambda x: einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
     out = jax.nn.dot_product_attention(
         split(q), split(k), split(v), is_causal=is_causal, implementation=implementation

@@ -56,10 +56,14 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 
 def build_module(
     component: str, config: dict[str, Any], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-    attention_impl: AttentionImpl = "xla",
+    attention_impl: AttentionImpl = "xla", remat_policy: str = "none",
 ) -> nn.Module:
-    """The Flax module of one SD component (`unet`, `vae`, `text_encoder`) from its `config.json` dict."""
-    return _BUILDERS[component](config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+    """The Flax module of one SD component (`unet`, `vae`, `text_encoder`) from its `config.json` dict.
+
+    `remat_policy` (see `unet.REMAT_POLICIES`) applies to the UNet only.
+    """
+    extra = {"remat_policy": remat_policy} if component == "unet" else {}
+    return _BUILDERS[component](config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, **extra)
 
 
 def param_shapes(component: str, module: nn.Module) -> Any:
@@ -124,6 +128,7 @@ def load_stable_diffusion(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     attention_impl: AttentionImpl = "xla",
+    remat_policy: str = "none",
     load_tokenizer: bool = True,
 ) -> StableDiffusion:
     """Loads SD from a diffusers folder (converting the PyTorch weights) or a converted folder.
@@ -133,7 +138,10 @@ def load_stable_diffusion(
       components: which of `unet`, `vae`, `text_encoder` to load.
       dtype: compute dtype of the modules (e.g. `jnp.bfloat16`); norms and softmax stay fp32.
       param_dtype: dtype of the returned params.
-      attention_impl: `"xla"` or `"cudnn"` for the UNet and text encoder (the VAE always uses `"xla"`).
+      attention_impl: `"xla"`, `"cudnn"` or `"auto"` (cuDNN on a GPU) for all three components; each attention
+        layer cuDNN cannot run (the VAE's 512-wide head, fp32 inputs) falls back to XLA by itself.
+      remat_policy: rematerialisation of the UNet's resnets / spatial transformers (`unet.REMAT_POLICIES`), for
+        full fine-tuning; the parameter tree is the same for every policy.
       load_tokenizer: also load `tokenizer/` with transformers' `CLIPTokenizer`.
 
     Raises:
@@ -149,9 +157,8 @@ def load_stable_diffusion(
     modules, params, configs = {}, {}, {}
     for c in components:
         configs[c] = _read_json(path / c / "config.json")
-        # The VAE's single attention head is 512 wide, past cuDNN flash attention's limit: it stays on XLA.
-        impl = "xla" if c == "vae" else attention_impl
-        module = build_module(c, configs[c], dtype=dtype, param_dtype=param_dtype, attention_impl=impl)
+        module = build_module(c, configs[c], dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                              remat_policy=remat_policy)
         template = param_shapes(c, module)
         if converted:
             params[c] = restore_params(path / c / "params", template, param_dtype)

@@ -7,8 +7,9 @@ up-block layer (the last one upsampled where the block has an upsampler) - 25 te
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +19,30 @@ import jax.numpy as jnp
 
 from d2i_jax.models.attention import Attention, AttentionImpl
 from d2i_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+
+# `remat_policy` names -> what each rematerialised resnet / spatial transformer keeps for the backward pass.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,  # no remat: every activation is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the layer inputs; everything else recomputed
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # matmul and conv outputs kept, elementwise ops recomputed
+    # only matmuls without batch dims (the linear projections) kept: convs and attention scores recomputed
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat_policy(name: str) -> str:
+    """Returns `name` if it is one of `REMAT_POLICIES`, else raises a ValueError listing them."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {name!r} is not one of {list(REMAT_POLICIES)}")
+    return name
+
+
+@functools.cache
+def _layer_class(cls: type[nn.Module], remat_policy: str) -> type[nn.Module]:
+    """`cls`, or `cls` under `nn.remat` with the named policy (one class per pair; names and params unchanged)."""
+    if check_remat_policy(remat_policy) == "none":
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[remat_policy])
 
 
 @flax.struct.dataclass
@@ -174,16 +199,17 @@ class _BlockCommon(nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     attention_impl: AttentionImpl = "xla"
+    remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def resnet(self, i: int) -> ResnetBlock2D:
-        return ResnetBlock2D(
+        return _layer_class(ResnetBlock2D, self.remat_policy)(
             self.out_channels, self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype, name=f"resnets_{i}"
         )
 
     def attention(self, i: int) -> Transformer2DModel:
-        return Transformer2DModel(
+        return _layer_class(Transformer2DModel, self.remat_policy)(
             self.num_heads, self.out_channels // self.num_heads, self.transformer_layers,
             self.use_linear_projection, self.norm_num_groups, self.attention_impl, self.dtype, self.param_dtype,
             name=f"attentions_{i}",
@@ -264,7 +290,11 @@ class UNet2DConditionModel(nn.Module):
       use_linear_projection: linear proj_in/proj_out (SD2) instead of 1x1 convs (SD1).
       flip_sin_to_cos / freq_shift: timestep-embedding convention.
       norm_num_groups / norm_eps: GroupNorm settings of resnets and the output norm.
-      attention_impl: `"xla"` or `"cudnn"` (flash attention on NVIDIA GPUs).
+      attention_impl: `"xla"`, `"cudnn"` (flash attention on NVIDIA GPUs; layers it cannot run fall back to XLA)
+        or `"auto"` (cuDNN on a GPU backend, else XLA).
+      remat_policy: rematerialisation of each resnet and spatial transformer for the backward pass, one of
+        `REMAT_POLICIES` (`"none"`, `"full"`, `"dots"`, `"dots_no_batch"`): less activation memory for a full
+        fine-tune at the cost of recomputation; the forward pass and the parameter tree are unchanged.
       dtype / param_dtype: compute and parameter dtypes (norms and softmax always run in fp32).
     """
 
@@ -283,6 +313,7 @@ class UNet2DConditionModel(nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     attention_impl: AttentionImpl = "xla"
+    remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -301,6 +332,7 @@ class UNet2DConditionModel(nn.Module):
             norm_num_groups=self.norm_num_groups,
             norm_eps=self.norm_eps,
             attention_impl=self.attention_impl,
+            remat_policy=check_remat_policy(self.remat_policy),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -405,8 +437,13 @@ def unet_from_config(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     attention_impl: AttentionImpl = "xla",
+    remat_policy: str = "none",
 ) -> UNet2DConditionModel:
-    """Builds the Flax UNet from a diffusers `unet/config.json` dict, refusing features it does not implement."""
+    """Builds the Flax UNet from a diffusers `unet/config.json` dict, refusing features it does not implement.
+
+    `remat_policy` (one of `REMAT_POLICIES`) rematerialises each resnet / spatial transformer for full fine-tuning.
+    """
+    check_remat_policy(remat_policy)
     if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise ValueError(f"unet/config.json describes a {config['_class_name']}, expected UNet2DConditionModel")
     bad = [f"{k}={config[k]!r} (supported: {v!r})" for k, v in _SUPPORTED.items() if config.get(k, v) != v]
@@ -436,6 +473,7 @@ def unet_from_config(
         norm_num_groups=config.get("norm_num_groups", 32),
         norm_eps=config.get("norm_eps", 1e-5),
         attention_impl=attention_impl,
+        remat_policy=remat_policy,
         dtype=dtype,
         param_dtype=param_dtype,
     )
