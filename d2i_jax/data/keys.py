@@ -10,6 +10,10 @@ Per example (a batch adds a leading axis; captions become a NumPy object array o
 - `ID`      int32 scalar, the example's index in its source.
 - `CAPTION` str, the text prompt describing the image.
 - `SYNTHETIC` bool scalar, True for generated images (their labels come from theta_C online).
+- `MOMENTS` float32 [H/8, W/8, 2 * latent_channels], the image's VAE posterior cached once per run
+  (`d2i_jax.data.latent_cache`): mean and logvar concatenated on the last axis, as the parameters of diffusers'
+  `DiagonalGaussianDistribution` (`d2i_jax.models.vae.Posterior.from_moments` / `.moments`). When a batch has it,
+  the train step draws the latent from it instead of running the VAE encoder.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ SEMSEG = "semseg"
 ID = "id"
 CAPTION = "caption"
 SYNTHETIC = "synthetic"
+MOMENTS = "moments"
 
 IGNORE_INDEX = 255
 
-ALL_KEYS = (IMAGE, NORMAL, MASK, DEPTH, SEMSEG, ID, CAPTION, SYNTHETIC)
+ALL_KEYS = (IMAGE, NORMAL, MASK, DEPTH, SEMSEG, ID, CAPTION, SYNTHETIC, MOMENTS)

@@ -23,6 +23,18 @@ class Posterior:
     mean: jax.Array
     logvar: jax.Array
 
+    @classmethod
+    def from_moments(cls, moments: jax.Array) -> Posterior:
+        """The posterior of `[..., 2 * latent_channels]` moments (mean and logvar concatenated on the last axis, as
+        diffusers' `DiagonalGaussianDistribution(parameters)`), e.g. cached per image by `d2i_jax.data.latent_cache`."""
+        mean, logvar = jnp.split(jnp.asarray(moments, jnp.float32), 2, axis=-1)
+        return cls(mean=mean, logvar=jnp.clip(logvar, -30.0, 20.0))
+
+    @property
+    def moments(self) -> jax.Array:
+        """`[..., 2 * latent_channels]`: mean and logvar concatenated on the last axis (inverse of `from_moments`)."""
+        return jnp.concatenate([self.mean, self.logvar], axis=-1)
+
     @property
     def std(self) -> jax.Array:
         return jnp.exp(0.5 * self.logvar)

@@ -56,9 +56,15 @@ class Backbone:
         return feats
 
     def image_features(
-        self, vae_params: Any, unet_params: Any, images: jax.Array, context: jax.Array, rng: jax.Array
+        self, vae_params: Any, unet_params: Any, images: jax.Array, context: jax.Array, rng: jax.Array,
+        moments: jax.Array | None = None,
     ) -> UNetFeatures:
-        """images -> posterior -> latents -> `features`, with independent randomness for each draw."""
+        """images -> posterior -> latents -> `features`, with independent randomness for each draw.
+
+        `moments` (`[B, H/8, W/8, 2 * latent_channels]`, `Posterior.moments` of these images, e.g. cached by
+        `d2i_jax.data.latent_cache`) replaces the VAE encode; the latent is still drawn from it with the same rng,
+        so the result equals encoding `images`.
+        """
         latent_rng, noise_rng = jax.random.split(rng)
-        return self.features(unet_params, self.latents(self.posterior(vae_params, images), latent_rng), context,
-                             noise_rng)
+        posterior = self.posterior(vae_params, images) if moments is None else Posterior.from_moments(moments)
+        return self.features(unet_params, self.latents(posterior, latent_rng), context, noise_rng)

@@ -38,10 +38,11 @@ class Perceiver:
     train_unet: bool = False
 
     def block_outputs(self, params: Any, frozen: Any, images: jax.Array, context: jax.Array,
-                      rng: jax.Array) -> list[jax.Array]:
-        """UNet block outputs of `images` (frozen or trainable UNet)."""
+                      rng: jax.Array, moments: jax.Array | None = None) -> list[jax.Array]:
+        """UNet block outputs of `images` (frozen or trainable UNet); `moments`: their cached VAE posterior
+        (`Backbone.image_features`), which skips the VAE encoder."""
         unet = params["unet"] if self.train_unet else frozen["unet"]
-        feats = self.backbone.image_features(frozen["vae"], unet, images, context, rng)
+        feats = self.backbone.image_features(frozen["vae"], unet, images, context, rng, moments)
         return feats.block_outputs()
 
     def head(self, params: Any, batch_stats: Any, block_outputs: list[jax.Array], image_size: tuple[int, int], *,

@@ -45,7 +45,8 @@ class Steps:
         if keys.SYNTHETIC not in batch:
             return labels
         if feats is None:  # trainable UNet: theta_C has its own
-            feats = self.perceiver.block_outputs(state.ema_params, frozen, batch[keys.IMAGE], context, rng)
+            feats = self.perceiver.block_outputs(state.ema_params, frozen, batch[keys.IMAGE], context, rng,
+                                                 batch.get(keys.MOMENTS))
         out, _ = self.perceiver.head(state.ema_params, state.ema_batch_stats, feats, batch[keys.IMAGE].shape[1:3],
                                      train=False)
         pseudo = self.task.pseudo_labels(self.task.prediction(out))
@@ -61,15 +62,16 @@ class Steps:
         """One optimiser step of theta_E on `batch`, then theta_C's EMA update when it is due."""
         rng = jax.random.fold_in(state.rng, state.step)
         feat_rng, label_rng, sample_rng = jax.random.split(rng, 3)
-        images = batch[keys.IMAGE]
+        images, moments = batch[keys.IMAGE], batch.get(keys.MOMENTS)  # cached VAE posterior: no encode
         size = images.shape[1:3]
         trainable_unet = self.perceiver.train_unet
         feats = None if trainable_unet else self.perceiver.block_outputs(state.params, frozen, images, context,
-                                                                         feat_rng)
+                                                                         feat_rng, moments)
         labels = self._labels(state, frozen, batch, feats, context, label_rng)
 
         def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-            f = self.perceiver.block_outputs(params, frozen, images, context, feat_rng) if trainable_unet else feats
+            f = (self.perceiver.block_outputs(params, frozen, images, context, feat_rng, moments) if trainable_unet
+                 else feats)
             out, new_stats = self.perceiver.head(params, state.batch_stats, f, size, train=True,
                                                  **self.task.head_kwargs(labels, sample_rng))
             return self.task.loss_fn(out, labels), new_stats
@@ -93,13 +95,15 @@ class Steps:
         return state, metrics
 
     def predict(self, models: dict[str, tuple[Any, Any]], frozen: Any, images: jax.Array, context: jax.Array,
-                rng: jax.Array) -> dict[str, jax.Array]:
+                rng: jax.Array, moments: jax.Array | None = None) -> dict[str, jax.Array]:
         """Eval-mode dense predictions at the input resolution (e.g. `[B, H, W, 4]` for normals) of several
-        models `{name: (params, batch_stats)}`; with a frozen UNet they share one backbone pass."""
-        shared = None if self.perceiver.train_unet else self.perceiver.block_outputs({}, frozen, images, context, rng)
+        models `{name: (params, batch_stats)}`; with a frozen UNet they share one backbone pass. `moments`: the
+        images' cached VAE posterior (`keys.MOMENTS`), which skips the VAE encoder."""
+        shared = None if self.perceiver.train_unet else self.perceiver.block_outputs({}, frozen, images, context, rng,
+                                                                                     moments)
         out = {}
         for name, (params, batch_stats) in models.items():
-            feats = shared or self.perceiver.block_outputs(params, frozen, images, context, rng)
+            feats = shared or self.perceiver.block_outputs(params, frozen, images, context, rng, moments)
             head_out, _ = self.perceiver.head(params, batch_stats, feats, images.shape[1:3], train=False)
             out[name] = self.task.prediction(head_out)
         return out
