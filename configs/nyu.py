@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.sample_posterior = True  # public code: posterior sample x 0.18215; False: the mean
     c.model.prompt = ""  # perception context: the empty prompt, embedded once per run
     c.model.use_captions = False  # True: each image's caption as the perception context
+    c.model.cache_latents = True  # encode each training image's VAE posterior once, sample it every step (same
+    # training, no VAE encoder in the step); ignored with augmentation, which changes the images every epoch
     c.model.train_unet = False  # frozen SD (paper Table B: fine-tuning is worse)
     c.model.unet_lr_mult = 0.1  # when train_unet (VPD-style)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from d2i_jax.data.synthetic import FixedMix, Flagged, Pool, SyntheticImages
-from d2i_jax.stages.warmup import optimizer
+from d2i_jax.stages.warmup import optimizer, with_cached_latents
 from d2i_jax.training.loop import fit
 from d2i_jax.training.state import TrainState, ema_every_steps
 from d2i_jax.training.steps import Steps
@@ -27,6 +27,8 @@ def run(r: Run) -> None:
     state = TrainState.create(params, batch_stats, tx, jax.random.key(r.config.seed + 2))
     real = Flagged(r.source(r.config.data.train_split), flag=False)
     synthetic = SyntheticImages(r.workdir / "create", size=tuple(r.config.data.image_size))
+    # cached per source, before mixing: every example of the mix then carries its moments
+    real, synthetic = with_cached_latents(r, "self_improve", {"real": real, "synthetic": synthetic}).values()
     batch = r.config.train.batch_size
     if cfg.mix == "pool":
         source, shuffle = Pool([real, synthetic]), True

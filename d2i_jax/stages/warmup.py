@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
 
 import jax
 
+from d2i_jax.data.latent_cache import WithMoments, cache_file, encode_moments
 from d2i_jax.training.loop import fit
 from d2i_jax.training.state import TrainState
 from d2i_jax.training.steps import Steps, make_optimizer
@@ -20,11 +22,29 @@ def optimizer(r: Run):
                           unet_lr_mult=r.config.model.unet_lr_mult if r.config.model.train_unet else None)
 
 
+def with_cached_latents(r: Run, stage: str, sources: dict[str, Any]) -> dict[str, Any]:
+    """`sources` with every example's VAE posterior (`keys.MOMENTS`), encoded once into `workdir/<stage>/cache/`,
+    when `model.cache_latents` is on and augmentation is off (it changes the images every epoch); else unchanged."""
+    if not r.config.model.get("cache_latents", False):
+        return sources
+    if r.augmentation() is not None:
+        print(f"[{stage}] model.cache_latents: off, data augmentation changes the images every epoch")
+        return sources
+    fingerprint = json.dumps({"sd_path": r.config.sd_path, "dtype": r.config.model.dtype})  # re-encode on change
+    cached = {}
+    for name, source in sources.items():
+        path = encode_moments(source, r.sd.vae, r.frozen["vae"], r.mesh, cache_file(r.stage_dir(stage) / "cache", name),
+                              batch_size=r.config.train.batch_size, fingerprint=fingerprint,
+                              desc=f"{stage}: VAE cache of {name}")
+        cached[name] = WithMoments(source, path)
+    return cached
+
+
 def run(r: Run) -> None:
     tx = optimizer(r)
     params, batch_stats = r.init_model()
     state = TrainState.create(params, batch_stats, tx, jax.random.key(r.config.seed + 1))
-    source = r.source(r.config.data.train_split)
+    source = with_cached_latents(r, "warmup", {"train": r.source(r.config.data.train_split)})["train"]
     print(f"[warmup] {len(source)} training images, {r.config.warmup.epochs} epochs")
     state = fit(r, "warmup", Steps(r.perceiver, r.task, tx), state, source, epochs=r.config.warmup.epochs)
     r.save_model("warmup", state.params, state.batch_stats)
