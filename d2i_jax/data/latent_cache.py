@@ -69,7 +69,8 @@ def encode_moments(
 
     Every process must call this with the same source (all processes hold the full result afterwards, each in its
     own file, see `cache_file`). A file written earlier for the same source (its `repr` and length) and
-    `fingerprint` is reused, when it is current on every process.
+    `fingerprint` is reused, when it is current on every process (a source without its own `__repr__` has the
+    default one, with its address, so it is encoded again in every run).
 
     Args:
       source: random-access examples with equally sized `keys.IMAGE` in [-1, 1] (e.g. `NyuNormals`,
