@@ -8,6 +8,7 @@ state after the final LayerNorm, with a causal mask and no padding mask (as SD p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -173,4 +174,10 @@ def embed_prompts(
     text_encoder: CLIPTextModel, params: Any, tokenizer: Any, prompts: Sequence[str]
 ) -> jax.Array:
     """Prompts -> text context `[len(prompts), 77, hidden]` for the UNet (e.g. `[""]` for the empty prompt)."""
-    return jax.jit(text_encoder.apply)({"params": params}, jnp.asarray(tokenize(tokenizer, prompts)))
+    return _jitted_apply(text_encoder)({"params": params}, jnp.asarray(tokenize(tokenizer, prompts)))
+
+
+@functools.cache
+def _jitted_apply(module: nn.Module) -> Any:
+    """One jitted `apply` per (hashable, immutable) module, so repeated calls reuse its compilations."""
+    return jax.jit(module.apply)
