@@ -16,10 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.sd_path = ""  # required: SD v1.5 (diffusers folder or converted)
     c.stages = ("warmup", "create", "self_improve", "evaluate", "generate")
-    c.mesh = {"data": -1, "fsdp": 1}
+    c.mesh = {"data": -1, "fsdp": 1}  # device mesh; -1 takes the remaining devices
+    c.fsdp_min_size = 2**18  # weights with at least this many elements are split over the fsdp axis
 
     c.model = ml_collections.ConfigDict()
-    c.model.dtype = "float32"  # the public code runs fp32; bfloat16 is faster on GPUs / TPUs
+    c.model.dtype = "auto"  # compute: bfloat16 on GPUs / TPUs (params stay fp32), float32 on CPUs; the public
+    # code runs float32 everywhere
     c.model.attention_impl = "auto"  # cudnn flash attention on GPUs (per layer, where supported), else xla
     c.model.remat_policy = "none"  # UNet remat for train_unet: full, dots, dots_no_batch (less memory, more compute)
     c.model.t_feat = 0  # timestep of the feature pass

@@ -1,7 +1,9 @@
 """Runs the configured stages in order, sharing one lazily-built context (SD weights, backbone, prompts, logs).
 
 Each stage writes into `workdir/<stage>/` and marks completion with `workdir/<stage>/DONE`; a rerun skips
-finished stages, and an interrupted stage resumes from its own last checkpoint.
+finished stages, and an interrupted stage resumes from its own last checkpoint. On several hosts the workdir must
+be a filesystem they all share (NFS, Filestore, ...): every process runs every stage, process 0 writes the shared
+files.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from d2i_jax import stages
@@ -24,16 +28,26 @@ from d2i_jax.data.nyu import Augment, NyuNormals, augment
 from d2i_jax.data.scenes import write_nyu_layout
 from d2i_jax.diffusion.schedule import NoiseSchedule
 from d2i_jax.metric_writer import MetricWriter
-from d2i_jax.models.clip import tokenize
+from d2i_jax.models.clip import embed_prompts
 from d2i_jax.models.loading import StableDiffusion, load_stable_diffusion, restore_params, save_params
 from d2i_jax.models.random_sd import write_random_sd
 from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.fusion import FeatureFusion
 from d2i_jax.perception.model import DensePredictor, Perceiver
 from d2i_jax.tasks import TASKS
-from d2i_jax.training.sharding import make_mesh, put_replicated
+from d2i_jax.training.sharding import fsdp_shardings, make_mesh, put_sharded
+from d2i_jax.training.state import TrainState, create_sharded
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
+    """`config.model.dtype`: `float32`, `bfloat16`, or `auto` (bfloat16 on GPUs / TPUs, float32 on CPUs)."""
+    if name == "auto":
+        name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+    if name not in DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {[*DTYPES, 'auto']}, got {name!r}")
+    return DTYPES[name]
 
 
 class Run:
@@ -56,9 +70,10 @@ class Run:
         path = self.config.sd_path
         if not path:
             print("config.sd_path is empty: writing a tiny random-weight SD (demo backbone)")
-            path = write_random_sd(self.workdir / "random_sd", seed=self.config.seed)
+            path = self.workdir / "random_sd"
+            _process_zero_writes("random SD", lambda: write_random_sd(path, seed=self.config.seed))
         model = self.config.model
-        return load_stable_diffusion(path, dtype=DTYPES[model.dtype], attention_impl=model.attention_impl,
+        return load_stable_diffusion(path, dtype=compute_dtype(model.dtype), attention_impl=model.attention_impl,
                                      remat_policy=model.remat_policy)
 
     @functools.cached_property
@@ -73,15 +88,9 @@ class Run:
         """`[1, 77, width]` text context of one prompt (the empty prompt is embedded once per run)."""
         return self.embed([prompt])
 
-    @functools.cached_property
-    def _text_encoder(self) -> Any:
-        # jitted once per run: `models.clip.embed_prompts` builds a new jit (and compiles again) on every call
-        module = self.sd.text_encoder
-        return jax.jit(lambda params, tokens: module.apply({"params": params}, tokens))
-
     def embed(self, prompts: list[str]) -> jax.Array:
-        """`[len(prompts), 77, width]` text contexts (`models.clip.embed_prompts`)."""
-        return self._text_encoder(self.sd.params["text_encoder"], jnp.asarray(tokenize(self.sd.tokenizer, prompts)))
+        """`[len(prompts), 77, width]` text contexts."""
+        return embed_prompts(self.sd.text_encoder, self.sd.params["text_encoder"], self.sd.tokenizer, prompts)
 
     @functools.cached_property
     def caption_embeddings(self) -> dict[str, np.ndarray]:
@@ -113,8 +122,17 @@ class Run:
 
     @functools.cached_property
     def frozen(self) -> dict[str, Any]:
-        """The SD params the perception path reads without training them, replicated on the mesh."""
-        return put_replicated({"vae": self.sd.params["vae"], "unet": self.sd.params["unet"]}, self.mesh)
+        """The SD params the perception path reads without training them, on the mesh (large ones fsdp-split)."""
+        return self.shard({"vae": self.sd.params["vae"], "unet": self.sd.params["unet"]})
+
+    def shard(self, tree: Any) -> Any:
+        """`tree` on the mesh by the fsdp rule (`config.fsdp_min_size`)."""
+        return put_sharded(tree, fsdp_shardings(tree, self.mesh, self.config.fsdp_min_size))
+
+    def train_state(self, params: Any, batch_stats: Any, tx: Any, seed_offset: int) -> TrainState:
+        """A stage's initial train state, created sharded on the mesh (theta_C = theta_E)."""
+        return create_sharded(params, batch_stats, tx, jax.random.key(self.config.seed + seed_offset), self.mesh,
+                              self.config.fsdp_min_size)
 
     @functools.cached_property
     def task(self) -> Any:
@@ -165,7 +183,8 @@ class Run:
         if not (root / "test.txt").exists():  # written last
             print(f"config.data.root is empty: rendering {cfg.scenes.num_train} + {cfg.scenes.num_test} procedural "
                   f"scenes into {root}")
-            write_nyu_layout(root, cfg.scenes.num_train, cfg.scenes.num_test, tuple(cfg.scenes.size), self.config.seed)
+        _process_zero_writes("scenes", lambda: (root / "test.txt").exists() or write_nyu_layout(
+            root, cfg.scenes.num_train, cfg.scenes.num_test, tuple(cfg.scenes.size), self.config.seed))
         return root
 
     def source(self, split: str, *, native_size: bool = False) -> NyuNormals:
@@ -181,6 +200,14 @@ class Run:
             return None
         j = aug.color_jitter
         return functools.partial(augment, config=Augment(hflip=aug.hflip, brightness=j, contrast=j, saturation=j))
+
+
+def _process_zero_writes(what: str, write: Callable[[], Any]) -> None:
+    """Files in the (shared) workdir: process 0 writes them while the others wait, so none reads half a file and
+    all agree on what is done."""
+    if jax.process_index() == 0:
+        write()
+    multihost_utils.sync_global_devices(what)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
@@ -200,8 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
         start = time.perf_counter()
         stages.REGISTRY[name](r)
         elapsed = time.perf_counter() - start
-        if jax.process_index() == 0:
-            done.write_text(json.dumps({"seconds": elapsed}))
+        _process_zero_writes(f"stage {name}", functools.partial(done.write_text, json.dumps({"seconds": elapsed})))
         print(f"[{name}] done in {elapsed:.1f}s")
     r.writer.close()
     return r

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import pytest
 
 from configs import demo, nyu
 from d2i_jax.diffusion.schedule import ddim_timesteps
+from d2i_jax.runner import compute_dtype
 from d2i_jax.stages import REGISTRY
 
 
@@ -23,12 +25,12 @@ def test_nyu_config_is_the_public_code_setting():
     assert c.task.name == "normals" and c.task.loss == "ug_angmf"
     assert c.task.head.decoder_channels == (1024, 512, 256, 128)
     assert c.task.head.sampling_ratio == 0.4 and c.task.head.importance_ratio == 0.7
-    # optimisation: Adam 3.57e-4 constant, batch 8, 50 + 50 epochs, no augmentation, fp32
+    # optimisation: Adam 3.57e-4 constant, batch 8, 50 + 50 epochs, no augmentation, fp32 on CPU
     assert c.train.optimizer == "adam" and c.train.lr == pytest.approx(3.57e-4)
     assert c.train.weight_decay == 0 and c.train.grad_clip == 0
     assert c.train.batch_size == 8 and c.warmup.epochs == 50 and c.self_improve.epochs == 50
     assert not c.data.augment.hflip and c.data.augment.color_jitter == 0
-    assert c.model.dtype == "float32"
+    assert c.model.dtype == "auto" and compute_dtype(c.model.dtype, "cpu") == jnp.float32  # bf16 on accelerators
     # data creation (§1 stage 2): partial noise T = 600, 50 DDIM steps 589 ... 1, no CFG, one per image
     assert c.create.source == "partial" and c.create.T == 600 and c.create.num_steps == 50
     assert c.create.guidance_scale == 1.0 and c.create.eta == 0.0 and c.create.num_images == -1
@@ -47,3 +49,10 @@ def test_demo_config_keeps_the_code_path():
     assert d.sd_path == "" and d.data.root == ""  # tiny random SD and procedural scenes
     assert all(s % 64 == 0 for s in d.data.image_size)
     assert d.create.T == n.create.T and d.create.num_steps == n.create.num_steps
+
+
+def test_compute_dtype_auto_is_bf16_on_accelerators_and_validated():
+    assert compute_dtype("auto", "gpu") == jnp.bfloat16 and compute_dtype("auto", "tpu") == jnp.bfloat16
+    assert compute_dtype("float32", "gpu") == jnp.float32
+    with pytest.raises(ValueError, match="'float16'"):
+        compute_dtype("float16")

@@ -13,7 +13,7 @@ import jax
 from d2i_jax.data.synthetic import FixedMix, Flagged, Pool, SyntheticImages
 from d2i_jax.stages.warmup import optimizer, with_cached_latents
 from d2i_jax.training.loop import fit
-from d2i_jax.training.state import TrainState, ema_every_steps
+from d2i_jax.training.state import ema_every_steps
 from d2i_jax.training.steps import Steps
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ def run(r: Run) -> None:
     cfg = r.config.self_improve
     tx = optimizer(r)
     params, batch_stats = r.load_model("warmup")
-    state = TrainState.create(params, batch_stats, tx, jax.random.key(r.config.seed + 2))
+    state = r.train_state(params, batch_stats, tx, seed_offset=2)
     real = Flagged(r.source(r.config.data.train_split), flag=False)
     synthetic = SyntheticImages(r.workdir / "create", size=tuple(r.config.data.image_size))
     # cached per source, before mixing: every example of the mix then carries its moments

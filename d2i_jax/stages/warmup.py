@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import jax
-
 from d2i_jax.data.latent_cache import WithMoments, cache_file, encode_moments
 from d2i_jax.training.loop import fit
-from d2i_jax.training.state import TrainState
 from d2i_jax.training.steps import Steps, make_optimizer
 
 if TYPE_CHECKING:
@@ -30,7 +27,7 @@ def with_cached_latents(r: Run, stage: str, sources: dict[str, Any]) -> dict[str
     if r.augmentation() is not None:
         print(f"[{stage}] model.cache_latents: off, data augmentation changes the images every epoch")
         return sources
-    fingerprint = json.dumps({"sd_path": r.config.sd_path, "dtype": r.config.model.dtype})  # re-encode on change
+    fingerprint = json.dumps({"sd_path": r.config.sd_path, "dtype": str(r.sd.vae.dtype)})  # re-encode on change
     cached = {}
     for name, source in sources.items():
         path = encode_moments(source, r.sd.vae, r.frozen["vae"], r.mesh, cache_file(r.stage_dir(stage) / "cache", name),
@@ -43,7 +40,7 @@ def with_cached_latents(r: Run, stage: str, sources: dict[str, Any]) -> dict[str
 def run(r: Run) -> None:
     tx = optimizer(r)
     params, batch_stats = r.init_model()
-    state = TrainState.create(params, batch_stats, tx, jax.random.key(r.config.seed + 1))
+    state = r.train_state(params, batch_stats, tx, seed_offset=1)
     source = with_cached_latents(r, "warmup", {"train": r.source(r.config.data.train_split)})["train"]
     print(f"[warmup] {len(source)} training images, {r.config.warmup.epochs} epochs")
     state = fit(r, "warmup", Steps(r.perceiver, r.task, tx), state, source, epochs=r.config.warmup.epochs)

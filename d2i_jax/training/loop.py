@@ -15,7 +15,7 @@ from tqdm import tqdm
 from d2i_jax.data import keys
 from d2i_jax.data.pipeline import make_loader
 from d2i_jax.training.checkpoint import Checkpointer
-from d2i_jax.training.sharding import batch_sharding, global_batch, put_replicated, replicated
+from d2i_jax.training.sharding import batch_sharding, global_batch, replicated, shardings_of
 from d2i_jax.training.state import TrainState
 from d2i_jax.training.steps import Steps
 
@@ -29,7 +29,8 @@ def _is_due(step: int, every: int, last: int) -> bool:
 
 def fit(r: Run, stage: str, steps: Steps, state: TrainState, source: Any, *, epochs: int,
         shuffle: bool = True) -> TrainState:
-    """Trains `state` for `epochs` passes over `source` (global batch `config.train.batch_size`)."""
+    """Trains `state` (on the mesh, e.g. from `create_sharded`) for `epochs` passes over `source` (global batch
+    `config.train.batch_size`). The step keeps every array's sharding and donates the previous state."""
     cfg = r.config.train
     n_proc = jax.process_count()
     if cfg.batch_size % n_proc:
@@ -47,18 +48,16 @@ def fit(r: Run, stage: str, steps: Steps, state: TrainState, source: Any, *, epo
     if ckpt.latest_step is not None:
         state = ckpt.restore(state, loader)
         print(f"[{stage}] resumed from step {int(state.step)} ({ckpt.directory})")
-    state = put_replicated(state, mesh)
-    step_fn = jax.jit(steps.train_step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh),
-                                                      batch_sharding(mesh)),
-                      out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
+    state_shardings, batch = shardings_of(state), batch_sharding(mesh)
+    step_fn = jax.jit(steps.train_step, in_shardings=(state_shardings, shardings_of(r.frozen), batch, batch),
+                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
     step = int(state.step)
     bar = tqdm(total=total, initial=step, desc=stage, unit="step", dynamic_ncols=True)
     skipped_in_a_row = 0
     start = time.perf_counter()
     for local in loader:
-        batch = global_batch(local, mesh)
-        context = jax.make_array_from_process_local_data(batch_sharding(mesh), r.contexts(list(local[keys.CAPTION])))
-        state, metrics = step_fn(state, r.frozen, batch, context)
+        context = jax.make_array_from_process_local_data(batch, r.contexts(list(local[keys.CAPTION])))
+        state, metrics = step_fn(state, r.frozen, global_batch(local, mesh), context)
         step += 1
         bar.update(1)
         if step == 1:

@@ -6,12 +6,16 @@ theta_C follows theta_E inside the jitted step with optax's EMA helpers, normali
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+
+from d2i_jax.training.sharding import FSDP_MIN_SIZE, fsdp_shardings, put_sharded
 
 
 @flax.struct.dataclass
@@ -43,6 +47,16 @@ class TrainState:
             step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, ema_params=copy(params),
             ema_batch_stats=copy(batch_stats), opt_state=tx.init(params), rng=rng,
         )
+
+
+def create_sharded(params: Any, batch_stats: Any, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
+                   min_size: int = FSDP_MIN_SIZE) -> TrainState:
+    """`TrainState.create` jitted with `out_shardings` from the fsdp rule: theta_C and the optimiser state are born
+    on the mesh, sharded like theta_E, never materialised whole on one device."""
+    create = functools.partial(TrainState.create, tx=tx)
+    shardings = fsdp_shardings(jax.eval_shape(create, params, batch_stats, rng=rng), mesh, min_size)
+    params, batch_stats = put_sharded((params, batch_stats), (shardings.params, shardings.batch_stats))
+    return jax.jit(create, out_shardings=shardings)(params, batch_stats, rng=put_sharded(rng, shardings.rng))
 
 
 def ema_every_steps(ema_every_samples: int, global_batch_size: int) -> int:
