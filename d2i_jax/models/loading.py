@@ -197,10 +197,12 @@ def save_params(directory: Path, params: Any) -> None:
 
 
 def restore_params(directory: Path, template: Any, dtype: Any) -> Any:
-    """Restores an orbax params checkpoint into `template`'s structure and shapes, cast to `dtype`."""
+    """Restores an orbax params checkpoint into `template`'s structure and shapes, cast to `dtype`, whole on this
+    process's first device (also in multi-process jobs: place it on a mesh afterwards)."""
     if not directory.exists():
         raise FileNotFoundError(f"converted params {directory} are missing")
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), template)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=local), template)
     with ocp.StandardCheckpointer() as ckptr:
         try:
             return ckptr.restore(directory.absolute(), target)

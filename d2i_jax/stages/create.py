@@ -5,22 +5,27 @@ Each real image's latent is noised to `create.T` (600) and denoised with DDIM (t
 (the GNA baseline). theta_W labels each image from the last step's UNet features. Written to `workdir/create/`:
 `img/NNNNNN.png` (the synthetic RGB), `caption/NNNNNN.txt`, `label/NNNNNN.png` (theta_W's label, for inspection),
 `manifest.jsonl` (source id, seed, T, steps, guidance) and `samples.png`; a rerun skips what exists.
+On several processes each feeds its rows of every batch and every process writes the results (atomic renames:
+hosts may or may not share the disk).
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.perception.generation import PairGenerator
+from d2i_jax.training.sharding import gather, round_up_to_shards, scatter_batch
 
 if TYPE_CHECKING:
     from d2i_jax.runner import Run
@@ -42,40 +47,63 @@ def run(r: Run) -> None:
         (out / sub).mkdir(exist_ok=True)
     source = r.source(r.config.data.train_split)
     count = len(source) if cfg.num_images < 0 else min(cfg.num_images, len(source))
-    todo = [i for i in range(count) if not (out / "img" / f"{i:06d}.png").exists()]
+    missing = np.asarray([not (out / "img" / f"{i:06d}.png").exists() for i in range(count)])
+    todo = np.flatnonzero(multihost_utils.broadcast_one_to_all(missing)).tolist()  # process 0's view for all
     print(f"[create] {count} images ({count - len(todo)} already there), source={cfg.source}, T={cfg.T}, "
           f"{cfg.num_steps} DDIM steps, guidance {cfg.guidance_scale}")
     if not todo:
         return
-    params, batch_stats = r.load_model("warmup")
+    params, batch_stats = r.shard(r.load_model("warmup"))
     gen = generator(r, cfg)
     uncond = r.prompt_embedding("")
     latent_shape = (*(s // 8 for s in r.config.data.image_size), r.sd.vae.latent_channels)
-    synthesize = jax.jit(lambda frozen, p, s, ctx, rngs, images: gen(frozen, p, s, ctx, uncond, rngs, images,
-                                                                      latent_shape))
     base = jax.random.key(cfg.seed)
+
+    @jax.jit
+    def synthesize(frozen, params, batch_stats, context, ids, images):
+        rngs = jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)  # per image: reproducible on its own
+        return gen(frozen, params, batch_stats, context, uncond, rngs, images, latent_shape)
+
+    batch_size = round_up_to_shards(cfg.batch_size, r.mesh)  # fixed batch shape: one compilation
     grid = []
-    with (out / "manifest.jsonl").open("a") as manifest:
-        for start in tqdm(range(0, len(todo), cfg.batch_size), desc="create", unit="batch"):
-            ids = todo[start:start + cfg.batch_size]
-            examples = [source[i] for i in ids]
-            pad = cfg.batch_size - len(ids)  # fixed batch shape: one compilation
-            padded = examples + examples[:1] * pad
-            images = jnp.asarray(np.stack([e[keys.IMAGE] for e in padded]))
-            captions = [e[keys.CAPTION] for e in padded]
-            rngs = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids + ids[:1] * pad))
-            rgb, pred = jax.device_get(synthesize(r.frozen, params, batch_stats, r.embed(captions), rngs, images))
-            for k, i in enumerate(ids):
-                name = f"{i:06d}"
-                Image.fromarray(r.task.encode_label_png(pred[k])).save(out / "label" / f"{name}.png")
-                (out / "caption" / f"{name}.txt").write_text(captions[k])
-                Image.fromarray(viz.image_to_uint8(rgb[k])).save(out / "img" / f"{name}.png")  # last: marks done
+    manifest = (out / "manifest.jsonl").open("a") if jax.process_index() == 0 else None
+    for start in tqdm(range(0, len(todo), batch_size), desc="create", unit="batch"):
+        ids = todo[start:start + batch_size]
+        padded = ids + ids[:1] * (batch_size - len(ids))
+        examples = [source[i] for i in padded]  # every process reads the whole batch and feeds its own rows
+        captions = [e[keys.CAPTION] for e in examples]
+        batch = scatter_batch({keys.IMAGE: np.stack([e[keys.IMAGE] for e in examples]),
+                               keys.ID: np.asarray(padded, np.int32), "context": np.asarray(r.embed(captions))},
+                              r.mesh)
+        rgb, pred = gather(synthesize(r.frozen, params, batch_stats, batch["context"], batch[keys.ID],
+                                      batch[keys.IMAGE]))
+        for k, i in enumerate(ids):  # every process writes (hosts may not share a disk); atomic renames
+            name = f"{i:06d}"
+            _write_png(out / "label" / f"{name}.png", r.task.encode_label_png(pred[k]))
+            _write_text(out / "caption" / f"{name}.txt", captions[k])
+            _write_png(out / "img" / f"{name}.png", viz.image_to_uint8(rgb[k]))  # last: marks done
+            if manifest is not None:
                 manifest.write(json.dumps({"id": i, "source_id": i, "seed": cfg.seed, "source": cfg.source,
                                            "T": cfg.T if cfg.source == "partial" else None,
                                            "steps": cfg.num_steps, "timesteps": [int(t) for t in gen.timesteps],
                                            "guidance": cfg.guidance_scale, "caption": captions[k]}) + "\n")
-                if len(grid) < 4:
-                    grid.append([viz.image_to_uint8(examples[k][keys.IMAGE]), viz.image_to_uint8(rgb[k]),
-                                 *r.task.pictures(pred[k]).values()])
+            if len(grid) < 4:
+                grid.append([viz.image_to_uint8(examples[k][keys.IMAGE]), viz.image_to_uint8(rgb[k]),
+                             *r.task.pictures(pred[k]).values()])
+        if manifest is not None:
             manifest.flush()
-    viz.save_grid(out / "samples.png", grid, ["real", "synthetic", *r.task.pictures(pred[0]).keys()])
+    if manifest is not None:
+        manifest.close()
+        viz.save_grid(out / "samples.png", grid, ["real", "synthetic", *r.task.pictures(pred[0]).keys()])
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.stem}.{jax.process_index()}.tmp")
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.stem}.{jax.process_index()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.pipeline import make_loader
-from d2i_jax.training.sharding import batch_sharding, global_batch, replicated
+from d2i_jax.training.sharding import gather, round_up_to_shards, scatter_batch
 from d2i_jax.training.steps import Steps
 
 if TYPE_CHECKING:
@@ -57,22 +57,24 @@ def run(r: Run) -> None:
         preds = steps.predict(models, frozen, small, context, rng)
         return {name: r.task.resize_prediction(p, native) for name, p in preds.items()}
 
-    predict = jax.jit(predict, in_shardings=(replicated(mesh),) * 2 + (batch_sharding(mesh),) * 2 + (replicated(mesh),),
-                      out_shardings=batch_sharding(mesh))
+    predict = jax.jit(predict)
+    models = r.shard(models)
+    batch_size = round_up_to_shards(cfg.batch_size, mesh)
     accs = {name: r.task.new_metrics() for name in models}
     rows = []
-    loader = make_loader(source, batch_size=cfg.batch_size // jax.process_count(), shuffle=False, num_epochs=1,
-                         drop_remainder=False)
-    for local in tqdm(loader, desc="evaluate", unit="batch", total=-(-len(source) // cfg.batch_size)):
+    # Every process reads every batch (the same order, the same step count) and feeds its own rows; predictions
+    # are gathered, so each process holds the same metrics.
+    loader = make_loader(source, batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
+                         shard_by_process=False)
+    for local in tqdm(loader, desc="evaluate", unit="batch", total=-(-len(source) // batch_size)):
         n = len(local[keys.CAPTION])
-        pad = cfg.batch_size // jax.process_count() - n  # last partial batch: pad, then drop the padding
+        pad = batch_size - n  # last partial batch: pad, then drop the padding
         padded = {k: np.concatenate([v, np.repeat(v[:1], pad, 0)]) if pad else v for k, v in local.items()}
-        batch = global_batch(padded, mesh)
-        context = jax.make_array_from_process_local_data(batch_sharding(mesh),
-                                                         r.contexts(list(padded[keys.CAPTION])))
+        batch = scatter_batch({keys.IMAGE: padded[keys.IMAGE], "context": r.contexts(list(padded[keys.CAPTION]))},
+                              mesh)
         labels = {k: local[k] for k in r.task.label_keys}
-        preds = jax.device_get(predict(models, r.frozen, batch[keys.IMAGE], context, jax.random.key(r.config.seed)))
-        preds = {name: np.asarray(preds[name])[:n] for name in models}  # jit returns dicts key-sorted
+        preds = gather(predict(models, r.frozen, batch[keys.IMAGE], batch["context"], jax.random.key(r.config.seed)))
+        preds = {name: preds[name][:n] for name in models}
         for name, pred in preds.items():
             r.task.update_metrics(accs[name], jnp.asarray(pred), labels)
         for k in range(min(n, cfg.num_pictures - len(rows))):
@@ -82,9 +84,10 @@ def run(r: Run) -> None:
             row.append(r.task.pictures(preds[last][k])["uncertainty"])
             rows.append(row)
     results = {name: acc.result() for name, acc in accs.items()}
-    (r.workdir / "metrics.json").write_text(json.dumps(results, indent=2))
     for name, m in results.items():
         r.writer.write("evaluate", 0, {f"{name}/{k}": v for k, v in m.items()})
-    labels = ["image", "ground truth", *[n for n in models if n != "untrained"], f"kappa ({list(models)[-1]})"]
-    viz.save_grid(r.stage_dir("evaluate") / "predictions.png", rows, labels)
+    if jax.process_index() == 0:
+        (r.workdir / "metrics.json").write_text(json.dumps(results, indent=2))
+        labels = ["image", "ground truth", *[n for n in models if n != "untrained"], f"kappa ({list(models)[-1]})"]
+        viz.save_grid(r.stage_dir("evaluate") / "predictions.png", rows, labels)
     print(f"[evaluate] {len(source)} test images, angular error pooled over valid pixels:\n{format_table(results)}")

@@ -73,12 +73,13 @@ def run(r: Run) -> None:
             row.append(np.asarray(pic))
         rows.append(row)
     labels = ["image", "VAE reconstruction"] + [f"{g.shape[-1]} ch @ 1/{h // g.shape[1]}" for g in groups]
-    viz.save_grid(out_dir / "features.png", rows, labels)
     summary = {
         "block_outputs": [list(f.shape[1:]) for f in feats.block_outputs()],
         "groups": [{"stride": h // g.shape[1], "size": list(g.shape[1:3]), "channels": g.shape[-1]} for g in groups],
     }
-    (out_dir / "features.json").write_text(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:  # every process computed the same (local) pass
+        viz.save_grid(out_dir / "features.png", rows, labels)
+        (out_dir / "features.json").write_text(json.dumps(summary, indent=2))
     print(f"[features] {len(summary['block_outputs'])} block outputs; groups "
           + ", ".join(f"{g['channels']}@1/{g['stride']}" for g in summary["groups"])
           + f"; wrote {out_dir / 'features.png'}")

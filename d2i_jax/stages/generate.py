@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.stages.create import generator
+from d2i_jax.training.sharding import gather, round_up_to_shards, scatter_batch
 
 if TYPE_CHECKING:
     from d2i_jax.runner import Run
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 def run(r: Run) -> None:
     cfg = r.config.generate
     stage = "self_improve" if (r.workdir / "self_improve" / "model").exists() else "warmup"
-    params, batch_stats = r.load_model(stage)
+    params, batch_stats = r.shard(r.load_model(stage))
     source = r.source(r.config.data.train_split)
     n = cfg.num_samples
     examples = [source[i % len(source)] for i in range(n)]
@@ -32,20 +32,29 @@ def run(r: Run) -> None:
     prompts = (prompts * n)[:n]
     uncond = r.prompt_embedding("")
     latent_shape = (*(s // 8 for s in r.config.data.image_size), r.sd.vae.latent_channels)
-    rngs = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(cfg.seed), i))(jnp.arange(n))
+    base = jax.random.key(cfg.seed)
+    padded = [*range(n)] + [0] * (round_up_to_shards(n, r.mesh) - n)  # every process feeds its rows
+    batch = scatter_batch({keys.IMAGE: np.stack([examples[i][keys.IMAGE] for i in padded]),
+                           keys.ID: np.asarray(padded, np.int32),
+                           "context": np.asarray(r.embed([prompts[i] for i in padded]))}, r.mesh)
     out = r.stage_dir("generate")
     for source_kind, name in (("noise", "from_noise"), ("partial", "from_partial_noise")):
         gen = generator(r, _with_source(cfg, source_kind))
-        images = jnp.asarray(np.stack([e[keys.IMAGE] for e in examples]))
-        rgb, pred = jax.device_get(jax.jit(
-            lambda frozen, p, s, ctx, k, im, g=gen: g(frozen, p, s, ctx, uncond, k, im, latent_shape)
-        )(r.frozen, params, batch_stats, r.embed(prompts), rngs, images))
+
+        @jax.jit
+        def sample(frozen, params, batch_stats, context, ids, images, gen=gen):
+            rngs = jax.vmap(lambda index: jax.random.fold_in(base, index))(ids)
+            return gen(frozen, params, batch_stats, context, uncond, rngs, images, latent_shape)
+
+        rgb, pred = gather(sample(r.frozen, params, batch_stats, batch["context"], batch[keys.ID], batch[keys.IMAGE]))
         rows = [[viz.image_to_uint8(rgb[i]), *r.task.pictures(pred[i]).values()] for i in range(n)]
         if source_kind == "partial":
             rows = [[viz.image_to_uint8(examples[i][keys.IMAGE]), *row] for i, row in enumerate(rows)]
         labels = (["real"] if source_kind == "partial" else []) + ["generated RGB", *r.task.pictures(pred[0]).keys()]
-        viz.save_grid(out / f"{name}.png", rows, labels)
-    (out / "prompts.txt").write_text("\n".join(prompts))
+        if jax.process_index() == 0:
+            viz.save_grid(out / f"{name}.png", rows, labels)
+    if jax.process_index() == 0:
+        (out / "prompts.txt").write_text("\n".join(prompts))
     print(f"[generate] {n} pairs from noise and {n} from partial noise (labels by {stage}) in {out}")
 
 
