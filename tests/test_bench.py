@@ -21,6 +21,7 @@ def _expected_labels(suite: bench.Suite) -> list[str]:
         *(f"(a) UNet forward, batch {b} [img/s]" for b in suite.batches_a),
         f"(b) fine-tune step, batch {suite.batch_b} [img/s]",
         f"(c) D2I train step, batch {suite.batch_c}, {side}px [img/s]",
+        f"(c) D2I train step, cached latents, batch {suite.batch_c}, {side}px [img/s]",
         f"(d) data creation, batch {suite.batch_d}, {side}px [pairs/s]",
         *(f"(e) one-step latency, batch 1, {s}px [ms]" for s in suite.one_step_sides),
     ]
