@@ -42,10 +42,9 @@ def _run_two_processes(module: str, arg: Path) -> list[str]:
 
 def test_two_processes_match_one(tmp_path):
     _run_two_processes("tests.multihost_check", tmp_path)
-    base = BASE_ENV
     one_dir = tmp_path / "one"
     one_dir.mkdir()
-    one = subprocess.run([sys.executable, "-m", "tests.multihost_check", str(one_dir)], cwd=ROOT, env=base,
+    one = subprocess.run([sys.executable, "-m", "tests.multihost_check", str(one_dir)], cwd=ROOT, env=BASE_ENV,
                          capture_output=True, text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-3000:]
     ref = json.loads((one_dir / "process_0.json").read_text())

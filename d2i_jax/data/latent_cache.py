@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from d2i_jax.data import keys
 from d2i_jax.data.pipeline import RandomAccessSource
-from d2i_jax.training.sharding import global_batch, num_batch_shards
+from d2i_jax.training.sharding import global_batch, local_rows, round_up_to_shards
 
 if TYPE_CHECKING:
     from d2i_jax.models.vae import AutoencoderKL
@@ -95,9 +95,8 @@ def encode_moments(
         print(f"[{desc}] reusing {path}")
         return path
 
-    shards, n_proc = num_batch_shards(mesh), jax.process_count()
-    global_size = -(-max(batch_size, 1) // shards) * shards
-    local_size = global_size // n_proc
+    global_size = round_up_to_shards(max(batch_size, 1), mesh)
+    rows = np.arange(global_size)[local_rows(mesh, global_size)]
     num_batches = -(-n // global_size)
     encode = jax.jit(lambda params, images: vae.apply({"params": params}, images, method="encode").moments)
 
@@ -105,8 +104,8 @@ def encode_moments(
         return np.asarray(source[min(index, n - 1)][keys.IMAGE], np.float32)
 
     def local_batch(pool: ThreadPoolExecutor, b: int) -> dict[str, np.ndarray]:
-        # this process's contiguous slice of global batch b; the gathered indices say where each row belongs
-        index = b * global_size + jax.process_index() * local_size + np.arange(local_size)
+        # this process's rows of global batch b; the gathered indices say where each row belongs
+        index = b * global_size + rows
         images = list(pool.map(image, index.tolist()))
         shapes = {x.shape for x in images}
         if len(shapes) > 1:

@@ -5,12 +5,14 @@ Each real image's latent is noised to `create.T` (600) and denoised with DDIM (t
 (the GNA baseline). theta_W labels each image from the last step's UNet features. Written to `workdir/create/`:
 `img/NNNNNN.png` (the synthetic RGB), `caption/NNNNNN.txt`, `label/NNNNNN.png` (theta_W's label, for inspection),
 `manifest.jsonl` (source id, seed, T, steps, guidance) and `samples.png`; a rerun skips what exists.
-On several processes each feeds its rows of every batch and every process writes the results (atomic renames:
-hosts may or may not share the disk).
+On several processes each feeds its rows of every batch; process 0 writes the results into the shared workdir.
+Every file is written under a temporary name and renamed, so a run killed mid-write never leaves a partial image
+that a rerun would take as done.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -66,7 +68,8 @@ def run(r: Run) -> None:
 
     batch_size = round_up_to_shards(cfg.batch_size, r.mesh)  # fixed batch shape: one compilation
     grid = []
-    manifest = (out / "manifest.jsonl").open("a") if jax.process_index() == 0 else None
+    writer = jax.process_index() == 0  # the workdir is shared (see `d2i_jax.runner`)
+    manifest = (out / "manifest.jsonl").open("a") if writer else None
     for start in tqdm(range(0, len(todo), batch_size), desc="create", unit="batch"):
         ids = todo[start:start + batch_size]
         padded = ids + ids[:1] * (batch_size - len(ids))
@@ -77,33 +80,34 @@ def run(r: Run) -> None:
                               r.mesh)
         rgb, pred = gather(synthesize(r.frozen, params, batch_stats, batch["context"], batch[keys.ID],
                                       batch[keys.IMAGE]))
-        for k, i in enumerate(ids):  # every process writes (hosts may not share a disk); atomic renames
+        if not writer:
+            continue
+        for k, i in enumerate(ids):
             name = f"{i:06d}"
-            _write_png(out / "label" / f"{name}.png", r.task.encode_label_png(pred[k]))
-            _write_text(out / "caption" / f"{name}.txt", captions[k])
-            _write_png(out / "img" / f"{name}.png", viz.image_to_uint8(rgb[k]))  # last: marks done
-            if manifest is not None:
-                manifest.write(json.dumps({"id": i, "source_id": i, "seed": cfg.seed, "source": cfg.source,
-                                           "T": cfg.T if cfg.source == "partial" else None,
-                                           "steps": cfg.num_steps, "timesteps": [int(t) for t in gen.timesteps],
-                                           "guidance": cfg.guidance_scale, "caption": captions[k]}) + "\n")
+            _write_atomically(out / "label" / f"{name}.png", _png(r.task.encode_label_png(pred[k])))
+            _write_atomically(out / "caption" / f"{name}.txt", captions[k].encode())
+            _write_atomically(out / "img" / f"{name}.png", _png(viz.image_to_uint8(rgb[k])))  # last: marks done
+            manifest.write(json.dumps({"id": i, "source_id": i, "seed": cfg.seed, "source": cfg.source,
+                                       "T": cfg.T if cfg.source == "partial" else None,
+                                       "steps": cfg.num_steps, "timesteps": [int(t) for t in gen.timesteps],
+                                       "guidance": cfg.guidance_scale, "caption": captions[k]}) + "\n")
             if len(grid) < 4:
                 grid.append([viz.image_to_uint8(examples[k][keys.IMAGE]), viz.image_to_uint8(rgb[k]),
                              *r.task.pictures(pred[k]).values()])
-        if manifest is not None:
-            manifest.flush()
-    if manifest is not None:
+        manifest.flush()
+    if writer:
         manifest.close()
         viz.save_grid(out / "samples.png", grid, ["real", "synthetic", *r.task.pictures(pred[0]).keys()])
 
 
-def _write_png(path: Path, pixels: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.stem}.{jax.process_index()}.tmp")
-    Image.fromarray(pixels).save(tmp, format="PNG")
-    os.replace(tmp, path)
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.stem}.{jax.process_index()}.tmp")
-    tmp.write_text(text)
+def _write_atomically(path: Path, data: bytes) -> None:
+    """`data` written beside `path` under a temporary name, then renamed to `path`."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)

@@ -48,15 +48,16 @@ def fit(r: Run, stage: str, steps: Steps, state: TrainState, source: Any, *, epo
     if ckpt.latest_step is not None:
         state = ckpt.restore(state, loader)
         print(f"[{stage}] resumed from step {int(state.step)} ({ckpt.directory})")
-    state_shardings, batch = shardings_of(state), batch_sharding(mesh)
-    step_fn = jax.jit(steps.train_step, in_shardings=(state_shardings, shardings_of(r.frozen), batch, batch),
+    state_shardings, batch_shards = shardings_of(state), batch_sharding(mesh)
+    step_fn = jax.jit(steps.train_step, in_shardings=(state_shardings, shardings_of(r.frozen), batch_shards,
+                                                      batch_shards),
                       out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
     step = int(state.step)
     bar = tqdm(total=total, initial=step, desc=stage, unit="step", dynamic_ncols=True)
     skipped_in_a_row = 0
     start = time.perf_counter()
     for local in loader:
-        context = jax.make_array_from_process_local_data(batch, r.contexts(list(local[keys.CAPTION])))
+        context = jax.make_array_from_process_local_data(batch_shards, r.contexts(list(local[keys.CAPTION])))
         state, metrics = step_fn(state, r.frozen, global_batch(local, mesh), context)
         step += 1
         bar.update(1)

@@ -76,8 +76,8 @@ def shardings_of(tree: Any) -> Any:
 def put_sharded(tree: Any, shardings: Any) -> Any:
     """Moves a pytree onto the mesh with the given shardings (host, single-device or already-global arrays).
 
-    Goes through a replicated copy, so it works for meshes spanning several processes as long as every process
-    passes the same values; the reshard happens in one jitted identity (no host round trip).
+    Goes through a replicated copy (`put_replicated`, via the host), so it works for meshes spanning several
+    processes as long as every process passes the same values; one jitted identity then slices it to `shardings`.
     """
     mesh = jax.tree.leaves(shardings)[0].mesh
     return jax.jit(lambda t: t, out_shardings=shardings)(put_replicated(tree, mesh))
