@@ -15,6 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.sd_path = ""  # required: SD v1.5 (diffusers folder or converted)
+    c.init_from = ""  # a model folder (`python -m weights_conversion.diff2in1`, or a run's stage dir) used as theta_W:
+    # the warmup stage is skipped, create / self_improve / evaluate / generate start from it
     c.stages = ("warmup", "create", "self_improve", "evaluate", "generate")
     c.mesh = {"data": -1, "fsdp": 1}  # device mesh; -1 takes the remaining devices
     c.fsdp_min_size = 2**18  # weights with at least this many elements are split over the fsdp axis
@@ -40,12 +42,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.head.decoder_channels = (1024, 512, 256, 128)  # Bae GN decoder
     c.task.head.sampling_ratio = 0.4  # uncertainty-guided sampling: N = 0.4 H W points per level
     c.task.head.importance_ratio = 0.7  # 70 % lowest-kappa pixels, 30 % random
+    c.task.head.ws_epsilon = 1e-10  # weight-standardisation eps of the public code's copy (Bae's own: 1e-5)
+    c.task.head.param_init = "pytorch"  # as c.fusion.param_init
 
     c.fusion = ml_collections.ConfigDict()
     c.fusion.reduce_channels = (2048, 176, 64, 64)
     c.fusion.target_strides = (32, 16, 8, 8)
     c.fusion.deconv_channels = (40, 24)
-    c.fusion.spectral_norm = True
+    c.fusion.param_init = "pytorch"  # PyTorch's default initialisers (the public lr was tuned with them); or "flax"
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""  # required: NYUv2 normals in the public code's layout

@@ -34,9 +34,10 @@ def normal_output_activation(raw: jax.Array) -> jax.Array:
       raw: `[..., 4]` head output (x, y, z, k).
 
     Returns:
-      `[..., 4]` with a unit-length normal (F.normalize semantics, eps 1e-12) and κ > 0.01.
+      `[..., 4]` with a unit-length normal, n / (‖n‖ + 1e-10) as Bae's `norm_normalize` (‖n‖ floored at 1e-12 so
+      the gradient stays finite at n = 0), and κ > 0.01.
     """
-    n = raw[..., :3] / _safe_norm(raw[..., :3], 1e-12)
+    n = raw[..., :3] / (_safe_norm(raw[..., :3], 1e-12) + 1e-10)
     kappa = jax.nn.elu(raw[..., 3:]) + KAPPA_OFFSET
     return jnp.concatenate([n, kappa], axis=-1)
 

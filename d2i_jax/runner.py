@@ -37,6 +37,7 @@ from d2i_jax.perception.model import DensePredictor, Perceiver
 from d2i_jax.tasks import TASKS
 from d2i_jax.training.sharding import fsdp_shardings, make_mesh, put_sharded
 from d2i_jax.training.state import TrainState, create_sharded
+from weights_conversion.diff2in1 import MODEL_INFO
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -149,15 +150,34 @@ class Run:
         """Writes a stage's final model (params + norm state) to `workdir/<stage>/model`."""
         save_params(self.stage_dir(stage) / "model", {"params": params, "batch_stats": batch_stats})
 
+    def model_dir(self, stage: str) -> Path:
+        """Where `stage`'s final model is: `workdir/<stage>/model`; theta_W's (`warmup`) is `config.init_from`'s
+        `model/` when that is set (an imported checkpoint, see `weights_conversion.diff2in1`, or another run's
+        stage folder)."""
+        if stage == "warmup" and self.config.init_from:
+            return Path(self.config.init_from) / "model"
+        return self.workdir / stage / "model"
+
     def load_model(self, stage: str) -> tuple[Any, Any]:
-        """(params, batch_stats) a previous stage saved; the error names the stage to run first."""
-        directory = self.workdir / stage / "model"
+        """(params, batch_stats) a previous stage saved (or `config.init_from` for theta_W); errors name the fix."""
+        directory = self.model_dir(stage)
         if not directory.exists():
+            if stage == "warmup" and self.config.init_from:
+                raise FileNotFoundError(f"config.init_from={self.config.init_from} has no model/ folder: give the "
+                                        "output of `python -m weights_conversion.diff2in1` or a run's stage folder")
             raise FileNotFoundError(f"{directory} is missing: run the {stage!r} stage first (add it to config.stages)")
-        init = self._initializer()  # built outside the trace: the lazily built parts are cached on `self`
-        template = jax.eval_shape(lambda: dict(zip(("params", "batch_stats"), init(), strict=True)))
-        tree = restore_params(directory, template, jnp.float32)
+        try:
+            tree = restore_params(directory, self.model_template(), jnp.float32)
+        except ValueError as e:
+            info = directory.parent / MODEL_INFO
+            hint = f"; it was converted with {info.read_text()}" if info.exists() else ""
+            raise ValueError(f"{directory} does not fit config.fusion / config.task.head{hint}\n{e}") from e
         return tree["params"], tree["batch_stats"]
+
+    def model_template(self) -> dict[str, Any]:
+        """`{"params", "batch_stats"}` of the configured model as shapes (nothing computed)."""
+        init = self._initializer()  # built outside the trace: the lazily built parts are cached on `self`
+        return jax.eval_shape(lambda: dict(zip(("params", "batch_stats"), init(), strict=True)))
 
     def init_model(self) -> tuple[Any, Any]:
         """Untrained (params, batch_stats) for `config.data.image_size` inputs."""
@@ -221,6 +241,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
             print(f"[{name}] already done ({done}); skipping")
             continue
         print(f"[{name}] starting")
+        r.stage_dir(name)  # holds DONE even when the stage writes nothing else
         start = time.perf_counter()
         stages.REGISTRY[name](r)
         elapsed = time.perf_counter() - start

@@ -42,7 +42,7 @@ class TorchWSConv2d(torch.nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
-        w = w / (w.view(w.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + 1e-5)
+        w = w / (w.view(w.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + 1e-10)
         return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
 

@@ -142,6 +142,12 @@ def convert_state_dict(
             continue
         out[path] = converted.astype(dtype)
     missing = ["/".join(p) + f" {tuple(flat_template[p].shape)}" for p in flat_template if p not in out]
+    raise_if_mismatched(what, missing, unexpected, mismatched)
+    return traverse_util.unflatten_dict(out)
+
+
+def raise_if_mismatched(what: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+    """One `ConversionError` listing every missing, unexpected and mis-shaped tensor, if there are any."""
     problems = [(f"{len(items)} {label}", items) for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)) if items]
     if problems:
@@ -150,4 +156,3 @@ def convert_state_dict(
             lines.append(f"  {label}:")
             lines.extend(f"    {item}" for item in items)
         raise ConversionError("\n".join(lines))
-    return traverse_util.unflatten_dict(out)

@@ -14,8 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-BN_MOMENTUM = 0.9  # PyTorch BatchNorm2d momentum 0.1, in flax's convention
-BN_EPSILON = 1e-5
+from d2i_jax.perception.layers import SNConv, TorchBatchNorm, bias_init, kernel_init
+
+SEGBLOCK_BN_EPSILON = 1e-4  # the public SegBlock's F.batch_norm eps (its output BatchNorm2d keep PyTorch's 1e-5)
+SN_EPSILON = 1e-4  # the public SNConv2d's power-iteration eps
 
 
 def group_by_stride(features: Sequence[jax.Array], image_size: tuple[int, int]) -> list[jax.Array]:
@@ -49,51 +51,58 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear", antialias=False)
 
 
-class FusionResBlock(nn.Module):
-    """[BatchNorm (no affine) -> ReLU -> 3x3 conv (spectral norm)] x2 plus a 1x1 conv shortcut.
+class SegBlock(nn.Module):
+    """BigGAN's `SegBlock` as the public fusion runs it (its ReLUs are in place, which decides what is computed).
+
+    x1 = ReLU(BN1(x)); h = SNConv3x3(ReLU(BN2(SNConv3x3(x1)))); out = h + SNConv1x1(x1) when the width changes, else
+    h + x1: the in-place ReLU overwrote x, so the shortcut sees x1. BNs are affine-free with running statistics
+    (momentum 0.1, eps 1e-4).
 
     Attributes:
       features: output channels.
-      spectral_norm: wrap the 3x3 convs in `nn.SpectralNorm` (power-iteration state in "batch_stats").
+      param_init: `layers.INITS` name of the conv initialisers.
     """
 
     features: int
-    spectral_norm: bool = True
+    param_init: str = "pytorch"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        shortcut = nn.Conv(self.features, (1, 1), name="shortcut")(x)
-        h = x
-        for i in range(2):
-            h = nn.BatchNorm(
-                use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, use_scale=False,
-                use_bias=False, use_fast_variance=False, name=f"norm{i}",
-            )(h)
-            h = nn.relu(h)
-            conv = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name=f"conv{i}")
-            h = nn.SpectralNorm(conv, name=f"sn{i}")(h, update_stats=train) if self.spectral_norm else conv(h)
-        return h + shortcut
+        def norm(name: str, y: jax.Array) -> jax.Array:
+            return nn.relu(TorchBatchNorm(affine=False, epsilon=SEGBLOCK_BN_EPSILON, name=name)(y, train=train))
+
+        def conv(name: str, y: jax.Array, kernel_size: int) -> jax.Array:
+            return SNConv(self.features, kernel_size, SN_EPSILON, self.param_init, name=name)(y, train=train)
+
+        x1 = norm("norm1", x)
+        h = conv("conv2", norm("norm2", conv("conv1", x1, 3)), 3)
+        return h + (conv("shortcut", x1, 1) if x.shape[-1] != self.features else x1)
 
 
 class FeatureFusion(nn.Module):
-    """Public Diff-2-in-1 fusion: stride groups -> skip features for a Bae-style decoder, coarse to fine.
+    """The public Diff-2-in-1 fusion (`SNmodule`): stride groups -> skip features for Bae's decoder, coarse to fine.
 
     Each group is reduced (bias-free 1x1 conv) and bilinearly resized to its target stride; reducing before resizing
     gives the same result as the public code's resize-then-reduce (both are linear, the resize weights sum to 1) at a
-    fraction of the cost. Merging: m_0 = r_0, m_i = ResBlock_i(concat(Up(m_{i-1}), r_i)). All merged features but the
-    last are outputs; the last feeds the transposed convs (k2 s2), each doubling the resolution.
+    fraction of the cost. Merging (paper Eq. 9): m_0 = r_0, m_i = SegBlock_i(concat(Up(m_{i-1}), r_i)). The merged
+    features but the last are outputs. The output layers (Eq. 10's Up + Deconv pairs) start from h0 = ReLU(BN(m_last))
+    and run transposed convs (k2 s2) each followed by an affine BatchNorm: the first on h0, every later one on
+    concat(previous output, bilinear Up(h0) to its size); every output but the last passes a ReLU (in the public
+    code the ReLU is in place, so the tensor it returns as "before_relu" is after it).
 
     Attributes:
       reduce_channels: 1x1-reduction (and merge) width per group, coarse to fine.
-      target_strides: stride of the image each group is resized to, coarse to fine.
+      target_strides: stride of the image each group is resized to, coarse to fine (public code: fixed sizes
+        16/32/64/64, which are these strides at 512 px).
       deconv_channels: widths of the transposed convs after the last merge.
-      spectral_norm: spectral norm on the residual blocks' 3x3 convs.
+      param_init: `layers.INITS` name of the conv initialisers (default PyTorch's: the public recipe was tuned with
+        them).
     """
 
     reduce_channels: tuple[int, ...] = (2048, 176, 64, 64)
     target_strides: tuple[int, ...] = (32, 16, 8, 8)
     deconv_channels: tuple[int, ...] = (40, 24)
-    spectral_norm: bool = True
+    param_init: str = "pytorch"
 
     @nn.compact
     def __call__(
@@ -120,18 +129,26 @@ class FeatureFusion(nn.Module):
         for i, (g, c, s) in enumerate(zip(groups, self.reduce_channels, self.target_strides, strict=True)):
             if height % s or width % s:
                 raise ValueError(f"image size {height}x{width} is not divisible by target stride {s}")
-            r = nn.Conv(c, (1, 1), use_bias=False, name=f"reduce{i}")(g)
+            r = nn.Conv(c, (1, 1), use_bias=False, kernel_init=kernel_init(self.param_init), name=f"reduce{i}")(g)
             reduced.append(resize_bilinear(r, (height // s, width // s)))
 
         merged = [reduced[0]]
         for i in range(1, len(reduced)):
             up = resize_bilinear(merged[-1], reduced[i].shape[1:3])
-            block = FusionResBlock(self.reduce_channels[i], self.spectral_norm, name=f"merge{i}")
+            block = SegBlock(self.reduce_channels[i], self.param_init, name=f"merge{i}")
             merged.append(block(jnp.concatenate([up, reduced[i]], axis=-1), train=train))
 
         outputs = merged[:-1]
-        x = merged[-1]
-        for i, c in enumerate(self.deconv_channels):
-            x = nn.ConvTranspose(c, (2, 2), strides=(2, 2), padding="VALID", name=f"deconv{i}")(x)
+        h0 = nn.relu(TorchBatchNorm(name="out_norm0")(merged[-1], train=train))
+        x = h0
+        for i, c in enumerate(self.deconv_channels, start=1):
+            if i > 1:
+                x = jnp.concatenate([x, resize_bilinear(h0, x.shape[1:3])], axis=-1)
+            x = nn.ConvTranspose(c, (2, 2), strides=(2, 2), padding="VALID",
+                                 kernel_init=kernel_init(self.param_init, transpose=True),
+                                 bias_init=bias_init(self.param_init, 4 * c), name=f"deconv{i}")(x)
+            x = TorchBatchNorm(name=f"out_norm{i}")(x, train=train)
+            if i < len(self.deconv_channels):
+                x = nn.relu(x)
             outputs.append(x)
         return tuple(outputs)

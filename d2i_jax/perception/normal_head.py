@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from d2i_jax.losses import normal_output_activation
+from d2i_jax.perception.layers import bias_init, kernel_init
 
 __all__ = [
     "NormalHead",
@@ -186,18 +187,20 @@ class WSConv(nn.Module):
     Attributes:
       features: output channels.
       kernel_size: square kernel side; "same" zero padding, stride 1.
-      epsilon: added to the std.
+      epsilon: added to the std (1e-10 in the public Diff-2-in-1 copy; Bae's own code: 1e-5).
+      param_init: `layers.INITS` name of the kernel / bias initialisers.
     """
 
     features: int
     kernel_size: int = 3
-    epsilon: float = 1e-5
+    epsilon: float = 1e-10
+    param_init: str = "pytorch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        k, c_in = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", kernel_init(self.param_init), (k, k, c_in, self.features))
+        bias = self.param("bias", bias_init(self.param_init, k * k * c_in), (self.features,))
         kernel = kernel - jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
         kernel = kernel / (jnp.std(kernel, axis=(0, 1, 2), ddof=1, keepdims=True) + self.epsilon)
         pad = (k - 1) // 2
@@ -213,16 +216,19 @@ class UpSampleGN(nn.Module):
     Attributes:
       features: output channels.
       num_groups: GroupNorm groups.
+      ws_epsilon / param_init: the `WSConv`s' epsilon and initialiser.
     """
 
     features: int
     num_groups: int = 8
+    ws_epsilon: float = 1e-10
+    param_init: str = "pytorch"
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
         h = jnp.concatenate([resize_bilinear_align_corners(x, skip.shape[1:3]), skip], axis=-1)
         for i in range(2):
-            h = WSConv(self.features, name=f"conv{i}")(h)
+            h = WSConv(self.features, epsilon=self.ws_epsilon, param_init=self.param_init, name=f"conv{i}")(h)
             h = nn.GroupNorm(self.num_groups, epsilon=1e-5, use_fast_variance=False, name=f"norm{i}")(h)
             h = nn.leaky_relu(h, 0.01)
         return h
@@ -233,12 +239,16 @@ class RefineMLP(nn.Module):
 
     hidden: int = 128
     hidden_layers: int = 3
+    param_init: str = "pytorch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.hidden_layers):
-            x = nn.relu(nn.Dense(self.hidden, name=f"dense{i}")(x))
-        return nn.Dense(4, name=f"dense{self.hidden_layers}")(x)
+        for i in range(self.hidden_layers + 1):
+            width = self.hidden if i < self.hidden_layers else 4
+            x = nn.Dense(width, kernel_init=kernel_init(self.param_init),
+                         bias_init=bias_init(self.param_init, x.shape[-1]), name=f"dense{i}")(x)
+            x = nn.relu(x) if i < self.hidden_layers else x
+        return x
 
 
 @flax.struct.dataclass
@@ -270,6 +280,8 @@ class NormalHead(nn.Module):
       importance_ratio: fraction of those points taken as the lowest-κ valid pixels.
       gt_align_corners: nearest-pixel mapping from the GT mask to a level when excluding invalid pixels from the
         importance part; keep equal to `normal_training_loss`'s `align_corners` (see `gather_gt_at_points`).
+      ws_epsilon: weight-standardisation epsilon (public Diff-2-in-1 code: 1e-10; Bae's: 1e-5).
+      param_init: `layers.INITS` name of every conv / dense initialiser (default PyTorch's, as the public recipe).
     """
 
     decoder_channels: tuple[int, ...] = (1024, 512, 256, 128)
@@ -279,6 +291,8 @@ class NormalHead(nn.Module):
     sampling_ratio: float = 0.4
     importance_ratio: float = 0.7
     gt_align_corners: bool = True
+    ws_epsilon: float = 1e-10
+    param_init: str = "pytorch"
 
     @nn.compact
     def __call__(
@@ -304,16 +318,20 @@ class NormalHead(nn.Module):
             raise ValueError(f"NormalHead takes {len(self.decoder_channels) + 1} skip features, got {len(skips)}")
         if train and sampling_key is None:
             raise ValueError("NormalHead(train=True) needs a sampling_key")
-        x = nn.Conv(skips[0].shape[-1], (1, 1), name="conv_bottleneck")(skips[0])
+        def conv(features: int, k: int, name: str, x: jax.Array) -> jax.Array:
+            return nn.Conv(features, (k, k), padding="SAME", kernel_init=kernel_init(self.param_init),
+                           bias_init=bias_init(self.param_init, k * k * x.shape[-1]), name=name)(x)
+
+        x = conv(skips[0].shape[-1], 1, "conv_bottleneck", skips[0])
         decoded = [x]
         for i, (skip, c) in enumerate(zip(skips[1:], self.decoder_channels, strict=True)):
-            x = UpSampleGN(c, self.num_groups, name=f"up{i + 1}")(x, skip)
+            x = UpSampleGN(c, self.num_groups, self.ws_epsilon, self.param_init, name=f"up{i + 1}")(x, skip)
             decoded.append(x)
 
-        pred = normal_output_activation(nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), name="out_res8")(decoded[2]))
+        pred = normal_output_activation(conv(4, 3, "out_res8", decoded[2]))
         maps, points, indices = [pred], [], []
         for level, feature in enumerate(decoded[2:]):
-            mlp = RefineMLP(self.mlp_hidden, self.mlp_layers, name=f"refine{level}")
+            mlp = RefineMLP(self.mlp_hidden, self.mlp_layers, self.param_init, name=f"refine{level}")
             size = (2 * feature.shape[1], 2 * feature.shape[2])
             prev = resize_bilinear_align_corners(pred, size)
             if not train:

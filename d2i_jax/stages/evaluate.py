@@ -30,7 +30,7 @@ TRAINED = {"theta_W": "warmup", "theta_C": "self_improve"}  # model name -> the 
 def _models(r: Run) -> dict[str, tuple[Any, Any]]:
     out = {"untrained": r.init_model()}
     for name, stage in TRAINED.items():
-        if (r.workdir / stage / "model").exists():
+        if r.model_dir(stage).exists():
             out[name] = r.load_model(stage)
     return out
 

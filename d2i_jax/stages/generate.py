@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def run(r: Run) -> None:
     cfg = r.config.generate
-    stage = "self_improve" if (r.workdir / "self_improve" / "model").exists() else "warmup"
+    stage = "self_improve" if r.model_dir("self_improve").exists() else "warmup"
     params, batch_stats = r.shard(r.load_model(stage))
     source = r.source(r.config.data.train_split)
     n = cfg.num_samples

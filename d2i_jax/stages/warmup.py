@@ -38,6 +38,9 @@ def with_cached_latents(r: Run, stage: str, sources: dict[str, Any]) -> dict[str
 
 
 def run(r: Run) -> None:
+    if r.config.init_from:
+        print(f"[warmup] config.init_from is set: theta_W is {r.model_dir('warmup')}, nothing to train")
+        return
     tx = optimizer(r)
     params, batch_stats = r.init_model()
     state = r.train_state(params, batch_stats, tx, seed_offset=1)
