@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flax import traverse_util
 
 from d2i_jax.models.random_sd import SD_SCHEDULER, TINY_TEXT_ENCODER, write_char_tokenizer
 
@@ -80,6 +81,14 @@ def _randomize_norms(model: torch.nn.Module) -> None:
             for p in m.parameters(recurse=False):
                 if torch.count_nonzero(p) == 0:
                     p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def assert_trees_equal(a: Any, b: Any) -> None:
+    """Two param trees have the same paths and bit-identical leaves."""
+    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
 
 
 def nhwc(x: torch.Tensor) -> np.ndarray:

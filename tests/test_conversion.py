@@ -9,24 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from d2i_jax.models import load_stable_diffusion
 from d2i_jax.models.loading import is_converted
-from tests.sd_reference import CLIP_SD1, UNET_SD1, VAE_SMALL, make_sd_folder
+from tests.sd_reference import CLIP_SD1, UNET_SD1, VAE_SMALL, assert_trees_equal, make_sd_folder
 from weights_conversion.__main__ import main as convert_main
 from weights_conversion.flax_to_torch import to_state_dict
 from weights_conversion.torch_to_flax import ConversionError, flax_path
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-
-
-def _trees_equal(a, b) -> None:
-    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
 
 
 def test_cli_converts_and_loader_reads_it(sd_folder, tmp_path):
@@ -39,7 +31,7 @@ def test_cli_converts_and_loader_reads_it(sd_folder, tmp_path):
     assert (out / "tokenizer" / "vocab.json").exists()
     assert json.loads((out / "d2i_jax.json").read_text())["dtype"] == "float32"
     direct, converted = load_stable_diffusion(folder), load_stable_diffusion(out)
-    _trees_equal(direct.params, converted.params)
+    assert_trees_equal(direct.params, converted.params)
     assert converted.prediction_type == "epsilon"
     assert converted.tokenizer("a cat").input_ids == direct.tokenizer("a cat").input_ids
 

@@ -1,9 +1,12 @@
-"""Convert a diffusers Stable Diffusion folder into d2i_jax Flax params.
+"""Convert a diffusers Stable Diffusion folder or single-file checkpoint into d2i_jax Flax params.
 
     python -m weights_conversion --src <diffusers SD folder> --out <dir> [--dtype float32|bfloat16]
+    python -m weights_conversion --src <model.ckpt | model.safetensors> --config-from <diffusers folder> --out <dir>
 
 Writes `<dir>/{unet,vae,text_encoder}/config.json` + `params/` (orbax checkpoints), copies `tokenizer/` and
 `scheduler/`, and `<dir>/d2i_jax.json`. `d2i_jax.models.load_stable_diffusion(<dir>)` loads the result.
+A single file (CompVis / LDM layout, SD 1.x / 2.x) takes its configs, tokenizer and scheduler from `--config-from`
+(a diffusers folder; weights not needed), or else from diffusers' default repo in the local Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -22,14 +25,20 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_conversion", description=__doc__.splitlines()[0])
-    parser.add_argument("--src", required=True, help="diffusers folder (unet/, vae/, text_encoder/, tokenizer/)")
+    parser.add_argument("--src", required=True, help="diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or "
+                        "single-file LDM checkpoint (.ckpt / .safetensors)")
     parser.add_argument("--out", required=True, help="output folder for the Flax params")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage dtype of the params")
     parser.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated subset to convert")
+    parser.add_argument("--config-from", help="single files: diffusers folder with the component configs and "
+                        "tokenizer/ (weights not needed)")
+    parser.add_argument("--allow-pickle", action="store_true", help="single .ckpt files: unpickle fully when "
+                        "torch.load(weights_only=True) refuses the file. UNSAFE: runs whatever code the file names")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        out = convert_folder(args.src, args.out, dtype=DTYPES[args.dtype], components=args.components.split(","))
+        out = convert_folder(args.src, args.out, dtype=DTYPES[args.dtype], components=args.components.split(","),
+                             config_from=args.config_from, allow_pickle=args.allow_pickle)
     except (ConversionError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"conversion failed: {e}", file=sys.stderr)
         return 1

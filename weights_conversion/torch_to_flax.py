@@ -12,6 +12,7 @@ Flax parameter *template* (shapes from `jax.eval_shape` of the module's init):
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,18 @@ def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
         if files:
             state: dict[str, np.ndarray] = {}
             for f in files:
-                state.update(_read_file(f))
+                state.update(read_weights_file(f))
             return state
     raise FileNotFoundError(f"no *.safetensors or *.bin weights in {folder}")
 
 
-def _read_file(path: Path) -> dict[str, np.ndarray]:
+def read_weights_file(path: Path, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The tensors of one `*.safetensors` (read without torch) or PyTorch pickle (`*.bin`, `*.ckpt`) file.
+
+    Pickles are read with `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers;
+    `allow_pickle=True` unpickles fully, which runs whatever code the file names: for trusted files only. A
+    Lightning checkpoint's `state_dict` is unwrapped and non-tensor entries are dropped.
+    """
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} is missing")
     if path.suffix == ".safetensors":
@@ -67,17 +74,27 @@ def _read_file(path: Path) -> dict[str, np.ndarray]:
             import torch
         except ImportError as e:
             raise ImportError(
-                f"{path} is a PyTorch pickle (*.bin): reading it needs torch (`pip install torch`), "
-                "or convert the folder to *.safetensors"
+                f"{path} is a PyTorch pickle: reading it needs torch (`pip install torch`), "
+                "or convert it to *.safetensors"
             ) from e
 
         def reader() -> dict[str, np.ndarray]:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+            state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+            while isinstance(state, Mapping) and "state_dict" in state:
+                state = state["state_dict"]
+            return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy()
+                    for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     try:
         return reader()
     except Exception as e:  # safetensors and torch raise their own error types on corrupt files
+        if isinstance(e, pickle.UnpicklingError) and not allow_pickle:
+            reason = str(e.__context__ or str(e).splitlines()[0]).rstrip(".")
+            raise ConversionError(
+                f"cannot read {path} with torch.load(weights_only=True): {reason}. Loading a checkpoint that needs "
+                f"full unpickling can run arbitrary code: only if you trust {path.name}, pass allow_pickle=True "
+                "(CLI: --allow-pickle)"
+            ) from e
         raise ConversionError(f"cannot read weights file {path}: {e}") from e
 
 

@@ -1,4 +1,5 @@
-"""Loading Stable Diffusion into Flax: from a diffusers folder (converted on the fly) or a converted folder.
+"""Loading Stable Diffusion into Flax: from a diffusers folder or a single-file checkpoint (converted on the fly),
+or from a converted folder.
 
 A *diffusers folder* is what `save_pretrained` / the Hugging Face hub give: `unet/`, `vae/`, `text_encoder/`,
 `tokenizer/` (and `scheduler/`), each part with its `config.json` and `*.safetensors` or `*.bin` weights.
@@ -7,6 +8,10 @@ A *converted folder* (written by `python -m weights_conversion`) has the same pa
 original `config.json` and the Flax params as an orbax checkpoint in `params/`; `tokenizer/` and `scheduler/`
 are copied; `d2i_jax.json` records the storage dtype and the source. Orbax restores straight into sharded
 arrays on a device mesh, so a converted folder is the fast path for large runs.
+
+A *single-file checkpoint* is the CompVis / LDM `.ckpt` or `.safetensors` of SD 1.x / 2.x (e.g.
+`v1-5-pruned-emaonly.ckpt`); diffusers' own utilities map it to the diffusers layout, and its configs and tokenizer
+come from a diffusers folder without weights (see `weights_conversion.single_file`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from d2i_jax.models.attention import AttentionImpl
 from d2i_jax.models.clip import clip_from_config
 from d2i_jax.models.unet import unet_from_config
 from d2i_jax.models.vae import vae_from_config
+from weights_conversion.single_file import config_folder, diffusers_state_dict, is_single_file, read_checkpoint
 from weights_conversion.torch_to_flax import convert_state_dict, ensure_prefix, read_state_dict
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -81,6 +87,8 @@ class StableDiffusion:
       tokenizer: transformers `CLIPTokenizer` from the checkpoint's own `tokenizer/` files (or None).
       configs: the raw `config.json` dict of each loaded component.
       scheduler_config: `scheduler/scheduler_config.json` (empty when absent).
+      config_folder: where the configs, tokenizer and scheduler came from (the loaded folder itself, or the
+        config folder of a single-file checkpoint).
     """
 
     unet: nn.Module | None
@@ -90,6 +98,7 @@ class StableDiffusion:
     tokenizer: Any
     configs: dict[str, dict[str, Any]]
     scheduler_config: dict[str, Any]
+    config_folder: Path
 
     @property
     def prediction_type(self) -> str:
@@ -130,11 +139,15 @@ def load_stable_diffusion(
     attention_impl: AttentionImpl = "xla",
     remat_policy: str = "none",
     load_tokenizer: bool = True,
+    config_from: str | Path | None = None,
+    allow_pickle: bool = False,
 ) -> StableDiffusion:
-    """Loads SD from a diffusers folder (converting the PyTorch weights) or a converted folder.
+    """Loads SD from a diffusers folder or a single-file checkpoint (converting the PyTorch weights), or from a
+    converted folder.
 
     Args:
-      path: diffusers folder (`save_pretrained` layout) or a folder written by `python -m weights_conversion`.
+      path: diffusers folder (`save_pretrained` layout), SD 1.x / 2.x single-file checkpoint in the LDM layout
+        (`.ckpt` / `.safetensors`), or a folder written by `python -m weights_conversion`.
       components: which of `unet`, `vae`, `text_encoder` to load.
       dtype: compute dtype of the modules (e.g. `jnp.bfloat16`); norms and softmax stay fp32.
       param_dtype: dtype of the returned params.
@@ -143,6 +156,10 @@ def load_stable_diffusion(
       remat_policy: rematerialisation of the UNet's resnets / spatial transformers (`unet.REMAT_POLICIES`), for
         full fine-tuning; the parameter tree is the same for every policy.
       load_tokenizer: also load `tokenizer/` with transformers' `CLIPTokenizer`.
+      config_from: single files only: a diffusers folder with the component configs and `tokenizer/` (weights not
+        needed); default: diffusers' default repo for the checkpoint's model type, from the local Hugging Face cache.
+      allow_pickle: single `.ckpt` files only: unpickle fully when `torch.load(weights_only=True)` refuses the
+        file. Unsafe: unpickling runs whatever code the file names; for trusted files only.
 
     Raises:
       FileNotFoundError / ValueError naming the bad file, key or config entry; `ConversionError` listing
@@ -152,23 +169,34 @@ def load_stable_diffusion(
     unknown = set(components) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
-    _check_sd_folder(path, components)
+    checkpoint = None
+    if is_single_file(path):
+        if config_from is not None:
+            _check_sd_folder(Path(config_from), components)  # before reading gigabytes
+        checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
+        folder = config_folder(path, checkpoint, config_from)
+    else:
+        folder = path
+    _check_sd_folder(folder, components)
     converted = is_converted(path)
     modules, params, configs = {}, {}, {}
     for c in components:
-        configs[c] = _read_json(path / c / "config.json")
+        configs[c] = _read_json(folder / c / "config.json")
         module = build_module(c, configs[c], dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                               remat_policy=remat_policy)
         template = param_shapes(c, module)
         if converted:
             params[c] = restore_params(path / c / "params", template, param_dtype)
         else:
-            state = ensure_prefix(read_state_dict(path / c), _KEY_PREFIX.get(c, ""))
-            params[c] = jax.tree.map(jnp.asarray, convert_state_dict(state, template, dtype=param_dtype,
-                                                                     what=str(path / c)))
+            if checkpoint is None:
+                state, what = read_state_dict(path / c), str(path / c)
+            else:
+                state, what = diffusers_state_dict(checkpoint, c, configs[c], path=path), f"{path} ({c})"
+            state = ensure_prefix(state, _KEY_PREFIX.get(c, ""))
+            params[c] = jax.tree.map(jnp.asarray, convert_state_dict(state, template, dtype=param_dtype, what=what))
         modules[c] = module
-    tokenizer = load_tokenizer_files(path / "tokenizer") if load_tokenizer else None
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    tokenizer = load_tokenizer_files(folder / "tokenizer") if load_tokenizer else None
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
     return StableDiffusion(
         unet=modules.get("unet"),
         vae=modules.get("vae"),
@@ -177,6 +205,7 @@ def load_stable_diffusion(
         tokenizer=tokenizer,
         configs=configs,
         scheduler_config=_read_json(scheduler_file) if scheduler_file.exists() else {},
+        config_folder=folder,
     )
 
 
@@ -211,24 +240,28 @@ def restore_params(directory: Path, template: Any, dtype: Any) -> Any:
 
 
 def convert_folder(src: str | Path, out: str | Path, *, dtype: Any = jnp.float32,
-                   components: Sequence[str] = COMPONENTS) -> Path:
-    """Converts a diffusers SD folder into a d2i_jax converted folder (see the module docstring)."""
+                   components: Sequence[str] = COMPONENTS, config_from: str | Path | None = None,
+                   allow_pickle: bool = False) -> Path:
+    """Converts a diffusers SD folder or a single-file checkpoint into a d2i_jax converted folder (see the module
+    docstring; `config_from` and `allow_pickle` as in `load_stable_diffusion`)."""
     src, out = Path(src), Path(out)
     if is_converted(src):
         raise ValueError(f"{src} is already a converted folder")
-    sd = load_stable_diffusion(src, components=components, param_dtype=dtype, load_tokenizer=False)
+    sd = load_stable_diffusion(src, components=components, param_dtype=dtype, load_tokenizer=False,
+                               config_from=config_from, allow_pickle=allow_pickle)
+    folder = sd.config_folder
     out.mkdir(parents=True, exist_ok=True)
     for c in components:
         (out / c).mkdir(exist_ok=True)
-        shutil.copy(src / c / "config.json", out / c / "config.json")
+        shutil.copy(folder / c / "config.json", out / c / "config.json")
         if (out / c / "params").exists():
             shutil.rmtree(out / c / "params")
         save_params(out / c / "params", sd.params[c])
     for extra in ("tokenizer", "scheduler"):
-        if (src / extra).is_dir():
-            shutil.copytree(src / extra, out / extra, dirs_exist_ok=True)
-    if (src / "model_index.json").exists():
-        shutil.copy(src / "model_index.json", out / "model_index.json")
+        if (folder / extra).is_dir():
+            shutil.copytree(folder / extra, out / extra, dirs_exist_ok=True)
+    if (folder / "model_index.json").exists():
+        shutil.copy(folder / "model_index.json", out / "model_index.json")
     marker = {"format": "d2i_jax flax params (orbax)", "dtype": jnp.dtype(dtype).name, "source": str(src.absolute()),
               "components": list(components)}
     (out / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2))
