@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 import time
 from collections.abc import Mapping
@@ -37,7 +36,7 @@ from flax import traverse_util
 from d2i_jax.perception.fusion import FeatureFusion
 from d2i_jax.perception.model import DensePredictor
 from d2i_jax.perception.normal_head import NormalHead
-from weights_conversion.torch_to_flax import ConversionError, raise_if_mismatched
+from weights_conversion.torch_to_flax import ConversionError, raise_if_mismatched, read_weights_file
 
 GROUPS = ("low", "mid", "high", "highest")
 IGNORED_PREFIXES = ("transfromer_decoder.", "mlp.", "to_k.", "to_q.")
@@ -47,30 +46,12 @@ _TEMPLATE_SIDE = 256  # any multiple of 64: the fusion and head params do not de
 
 
 def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
-    """A PyTorch state dict as NumPy arrays, read with `torch.load(weights_only=True)` (never arbitrary code).
-
-    A Lightning-style `{"state_dict": ...}` wrapper is unwrapped. A pickle holding more than tensors and plain
-    containers is refused with an error naming the file.
-    """
+    """A PyTorch state dict (a Lightning `state_dict` wrapper unwrapped) as NumPy arrays, read with
+    `torch.load(weights_only=True)`: a pickle holding more than tensors is refused, never unpickled."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"reading {path} needs torch (`pip install torch`)") from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or objects the safe unpickler refuses
-        if isinstance(e, pickle.UnpicklingError) and "global" in str(e).lower():
-            raise ConversionError(f"{path} needs full unpickling (it holds objects besides tensors), which could run "
-                                  f"arbitrary code; it is refused. Re-save its state_dict alone. ({e})") from e
-        raise ConversionError(f"cannot read checkpoint {path}: {e}") from e
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{path} is not a state dict of tensors")
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+    return read_weights_file(path)
 
 
 def _conv(w: np.ndarray) -> np.ndarray:
