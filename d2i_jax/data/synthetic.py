@@ -87,27 +87,30 @@ class Pool:
 class FixedMix:
     """The paper's Eq. 7 mix: every consecutive block of `m + n` examples is m real then n synthetic.
 
-    Read it unshuffled with batch size `m + n` (the sources are permuted here, from `seed`); an epoch lasts until
-    the larger source has been seen once.
+    The source spans all `epochs`: an epoch lasts until the larger source has been seen once, and each draws fresh
+    permutations of both sources from `(seed, epoch)`. Read it once, unshuffled, with batch size `m + n`; as an
+    index alone fixes its example, grain's iterator state resumes it exactly.
     """
 
-    def __init__(self, real: Any, synthetic: Any, m: int, n: int, seed: int = 0):
+    def __init__(self, real: Any, synthetic: Any, m: int, n: int, seed: int = 0, epochs: int = 1):
         if m <= 0 or n <= 0:
             raise ValueError(f"fixed mix needs m, n > 0, got m={m}, n={n}")
-        self.real, self.synthetic, self.m, self.n = real, synthetic, m, n
-        rng = np.random.default_rng(seed)
-        self.real_order, self.syn_order = rng.permutation(len(real)), rng.permutation(len(synthetic))
-        self.batches = max(-(-len(real) // m), -(-len(synthetic) // n))
+        self.real, self.synthetic, self.m, self.n, self.seed, self.epochs = real, synthetic, m, n, seed, epochs
+        self.epoch_length = max(-(-len(real) // m), -(-len(synthetic) // n)) * (m + n)
 
     def __len__(self) -> int:
-        return self.batches * (self.m + self.n)
+        return self.epochs * self.epoch_length
 
     def __repr__(self) -> str:
-        return f"FixedMix(m={self.m}, n={self.n}, real={self.real!r}, synthetic={self.synthetic!r})"
+        return (f"FixedMix(m={self.m}, n={self.n}, seed={self.seed}, epochs={self.epochs}, real={self.real!r}, "
+                f"synthetic={self.synthetic!r})")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        b, j = divmod(index, self.m + self.n)
+        epoch, position = divmod(index, self.epoch_length)
+        rng = np.random.default_rng([self.seed, epoch])
+        real_order, syn_order = rng.permutation(len(self.real)), rng.permutation(len(self.synthetic))
+        b, j = divmod(position, self.m + self.n)
         if j < self.m:
-            return self.real[int(self.real_order[(b * self.m + j) % len(self.real)])]
+            return self.real[int(real_order[(b * self.m + j) % len(self.real)])]
         k = b * self.n + j - self.m
-        return self.synthetic[int(self.syn_order[k % len(self.synthetic)])]
+        return self.synthetic[int(syn_order[k % len(self.synthetic)])]
