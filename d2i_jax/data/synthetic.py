@@ -6,6 +6,7 @@ A synthetic example has no ground truth: its label is predicted online by theta_
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from d2i_jax.data import keys
+from d2i_jax.data.fingerprint import combined, digest
 
 
 class SyntheticImages:
@@ -31,6 +33,17 @@ class SyntheticImages:
     def __repr__(self) -> str:
         return f"SyntheticImages(root={str(self.root)!r}, n={len(self)})"
 
+    def _caption_file(self, index: int) -> Path:
+        return self.root / "caption" / f"{self.paths[index].stem}.txt"
+
+    def fingerprint(self) -> str:
+        """Digest of the size, the image and caption files (`d2i_jax.data.fingerprint`) and the content of create's
+        `manifest.jsonl` (what each image was generated with), when there is one."""
+        manifest = self.root / "manifest.jsonl"
+        recorded = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+        captions = [self._caption_file(i) for i in range(len(self))]
+        return digest("SyntheticImages", self.size, recorded, files=[*self.paths, *captions])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
         try:
@@ -41,7 +54,7 @@ class SyntheticImages:
                 image = np.asarray(im, np.float32) / 127.5 - 1.0
         except OSError as e:
             raise OSError(f"cannot read generated image {path}: {e}") from e
-        caption_file = self.root / "caption" / f"{path.stem}.txt"
+        caption_file = self._caption_file(index)
         h, w = image.shape[:2]
         return {
             keys.IMAGE: image, keys.NORMAL: np.zeros((h, w, 3), np.float32), keys.MASK: np.zeros((h, w), bool),
@@ -62,6 +75,9 @@ class Flagged:
     def __repr__(self) -> str:
         return f"Flagged({self.source!r}, synthetic={self.flag})"
 
+    def fingerprint(self) -> str | None:
+        return combined("Flagged", self.flag, sources=[self.source])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.source[index], keys.SYNTHETIC: np.bool_(self.flag)}
 
@@ -78,6 +94,9 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"Pool({self.sources!r})"
+
+    def fingerprint(self) -> str | None:
+        return combined("Pool", sources=self.sources)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = int(np.searchsorted(self.offsets, index, side="right")) - 1
