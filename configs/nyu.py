@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.loss = "ug_angmf"  # UG-NLL AngMF; also ug_vmf, angular, l2
     c.task.head = ml_collections.ConfigDict()
     c.task.head.decoder_channels = (1024, 512, 256, 128)  # Bae GN decoder
+    c.task.head.num_groups = 8  # GroupNorm(8) in its up-blocks
+    c.task.head.mlp_hidden = 128  # refinement MLPs (C+4) -> 128 -> 128 -> 128 -> 4
+    c.task.head.mlp_layers = 3
     c.task.head.sampling_ratio = 0.4  # uncertainty-guided sampling: N = 0.4 H W points per level
     c.task.head.importance_ratio = 0.7  # 70 % lowest-kappa pixels, 30 % random
     c.task.head.ws_epsilon = 1e-10  # weight-standardisation eps of the public code's copy (Bae's own: 1e-5)

@@ -5,7 +5,8 @@ Every loss is the mean over *valid* pixels of the whole batch, valid = GT mask &
 code; the cut keeps acos away from its infinite slope at ±1), and 0 when no pixel is valid. Pixels outside the
 valid set are computed on sanitised values, so neither the loss nor its gradient can turn NaN there.
 
-All losses share the signature `loss(pred, gt, mask) -> scalar`; `NORMAL_LOSSES` names them for configs.
+All losses share the signature `loss(pred, gt, mask) -> scalar`; `NORMAL_LOSSES` names them for configs. Training
+applies the `UNCERTAINTY_GUIDED` ones to every level of the head and the others to its final map only (Bae).
 """
 
 from __future__ import annotations
@@ -116,3 +117,4 @@ NORMAL_LOSSES: dict[str, NormalLoss] = {
     "angular": angular,
     "l2": l2,
 }
+UNCERTAINTY_GUIDED = frozenset({"ug_angmf", "ug_vmf"})  # scored on the 1/8 map and the three sampled levels

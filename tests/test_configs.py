@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import demo, nyu
 from d2i_jax.diffusion.schedule import ddim_timesteps
@@ -26,6 +30,7 @@ def test_nyu_config_is_the_public_code_setting():
     assert c.task.name == "normals" and c.task.loss == "ug_angmf"
     assert c.task.head.decoder_channels == (1024, 512, 256, 128)
     assert c.task.head.sampling_ratio == 0.4 and c.task.head.importance_ratio == 0.7
+    assert c.task.head.mlp_hidden == 128 and c.task.head.mlp_layers == 3 and c.task.head.num_groups == 8
     # optimisation: Adam 3.57e-4 constant, batch 8, 50 + 50 epochs, no augmentation, fp32 on CPU
     assert c.train.optimizer == "adam" and c.train.lr == pytest.approx(3.57e-4)
     assert c.train.weight_decay == 0 and c.train.grad_clip == 0
@@ -50,6 +55,17 @@ def test_demo_config_keeps_the_code_path():
     assert d.sd_path == "" and d.data.root == ""  # tiny random SD and procedural scenes
     assert all(s % 64 == 0 for s in d.data.image_size)
     assert d.create.T == n.create.T and d.create.num_steps == n.create.num_steps
+
+
+def test_nyu_config_takes_every_head_override_the_demo_sets():
+    """`--config.task.head.X=...` on nyu.py, through the same `config_flags` flag as `d2i_jax.main`."""
+    overrides = [f"--config.task.head.{k}={v}" for k, v in demo.get_config().task.head.items()]
+    argv = [__file__, f"--config={Path(nyu.__file__)}", *overrides, "--config.task.head.mlp_layers=2"]
+    values = flags.FlagValues()
+    config = config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+    values(argv)
+    head = config.value.task.head
+    assert head.mlp_hidden == 32 and head.decoder_channels == (64, 32, 32, 16) and head.mlp_layers == 2
 
 
 def test_compute_dtype_auto_is_bf16_on_accelerators_and_validated():

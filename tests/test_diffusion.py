@@ -193,3 +193,17 @@ def test_scan_sampler_aux_is_last_step_and_eta_needs_rng():
         ddim_sample(_linear_denoiser, schedule, x_T, timesteps, context=ctx, eta=1.0)
     noisy = ddim_sample(_linear_denoiser, schedule, x_T, timesteps, context=ctx, eta=1.0, rng=jax.random.key(0))
     assert np.isfinite(np.asarray(noisy)).all()
+
+
+def test_scan_sampler_eta_noise_is_per_example_with_per_example_keys():
+    schedule = NoiseSchedule.from_config(SD15)
+    timesteps = ddim_timesteps(1000, 3, start_t=600)
+    x_T = jnp.asarray(np.repeat(_rand(14, (1, 4, 4, 4)), 3, axis=0))  # three identical starts
+    ctx = jnp.zeros((3, 4))
+    rngs = jax.vmap(jax.random.key)(jnp.arange(3))
+    sample = jax.jit(lambda x, c, k: ddim_sample(_linear_denoiser, schedule, x, timesteps, context=c, eta=1.0, rng=k))
+    batch = np.asarray(sample(x_T, ctx, rngs))
+    for i in range(3):  # an example's noise comes from its own key, whatever batch it is in
+        np.testing.assert_allclose(np.asarray(sample(x_T[i:i + 1], ctx[i:i + 1], rngs[i:i + 1]))[0], batch[i],
+                                   rtol=1e-6, atol=1e-6)
+    assert not np.allclose(batch[0], batch[1]) and not np.allclose(batch[1], batch[2])  # and differs between keys

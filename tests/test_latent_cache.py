@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 
 import jax
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from configs import demo
 from d2i_jax import runner
@@ -16,7 +19,7 @@ from d2i_jax.data import keys, scenes
 from d2i_jax.data.latent_cache import WithMoments, cache_file, encode_moments
 from d2i_jax.data.nyu import NyuNormals
 from d2i_jax.data.pipeline import make_loader
-from d2i_jax.data.synthetic import Flagged, Pool
+from d2i_jax.data.synthetic import Flagged, Pool, SyntheticImages
 from d2i_jax.models.random_sd import write_random_sd
 from d2i_jax.models.vae import Posterior
 from d2i_jax.stages.warmup import with_cached_latents
@@ -26,6 +29,19 @@ from d2i_jax.training.steps import Steps, make_optimizer
 from tests import tiny_pipeline
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # the tiny step compiles ~2x faster on CPU; same numbers
+
+
+class Unstated:
+    """A source that does not state its content (no `fingerprint()`)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[i]
 
 
 class Arrays:
@@ -39,6 +55,9 @@ class Arrays:
 
     def __getitem__(self, i: int) -> dict:
         return {**{k: v[i] for k, v in self.batch.items()}, keys.ID: np.int32(i), keys.CAPTION: ""}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in self.batch.values())).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +95,58 @@ def test_cached_moments_equal_direct_encode_and_are_reused(tiny, tmp_path, capsy
     encode_moments(*args, batch_size=4, fingerprint="b")  # something the moments depend on changed: encoded again
     assert path.stat().st_mtime_ns != written
     np.testing.assert_allclose(np.load(path), cached, rtol=1e-6, atol=1e-6)
+
+
+def _write_generated(root, seed: int, count: int = 3):
+    """`count` random images in the create stage's layout, `root/img/NNNNNN.png`."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (*tiny_pipeline.IMAGE_SIZE, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "img" / f"{i:06d}.png")
+    return root
+
+
+def test_cache_is_keyed_on_the_content_of_the_source(tiny, tmp_path, capsys):
+    perceiver, _, frozen, _, _ = tiny
+    path = cache_file(tmp_path / "cache", "synthetic")
+
+    def encode(source) -> tuple[np.ndarray, str]:
+        capsys.readouterr()
+        moments = np.array(np.load(encode_moments(source, perceiver.backbone.vae, frozen["vae"], make_mesh(), path,
+                                                  batch_size=4)))
+        return moments, capsys.readouterr().out
+
+    root = _write_generated(tmp_path / "create", seed=0)
+    first, _ = encode(SyntheticImages(root))
+    again, out = encode(SyntheticImages(root))
+    assert "reusing" in out
+    np.testing.assert_array_equal(again, first)
+    _write_generated(root, seed=1)  # create/ regenerated (e.g. another T): same count and names, other pixels
+    source = SyntheticImages(root)
+    second, out = encode(source)
+    assert "reusing" not in out
+    images = np.stack([source[i][keys.IMAGE] for i in range(len(source))])
+    np.testing.assert_allclose(second, _direct_moments(tiny, images), rtol=1e-6, atol=1e-6)
+    assert "reusing" in encode(source)[1]
+    (root / "manifest.jsonl").write_text('{"id": 0, "T": 300}\n')  # what create records changed
+    assert "reusing" not in encode(SyntheticImages(root))[1]
+    for unstated in (Unstated(source), Flagged(Unstated(source))):  # content unknown: encoded every time
+        for _ in range(2):
+            out = encode(unstated)[1]
+            assert "reusing" not in out and "no content fingerprint" in out
+
+
+def test_nyu_fingerprint_follows_files_and_settings(tmp_path):
+    root = scenes.write_nyu_layout(tmp_path, num_train=2, num_test=0, size=(16, 24), seed=0)
+    fingerprint = NyuNormals(root, "train").fingerprint()
+    assert NyuNormals(root, "train").fingerprint() == fingerprint
+    assert NyuNormals(root, "train", size=(8, 8)).fingerprint() != fingerprint
+    assert Flagged(NyuNormals(root, "train")).fingerprint() != Flagged(NyuNormals(root, "train"), True).fingerprint()
+    normal = sorted((root / "train" / "norm").iterdir())[1]
+    stat = normal.stat()
+    os.utime(normal, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten a second later
+    assert NyuNormals(root, "train").fingerprint() != fingerprint
 
 
 def test_train_step_with_cached_moments_equals_encoding(tiny):

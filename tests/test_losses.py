@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from d2i_jax.data import keys
 from d2i_jax.losses import NORMAL_LOSSES, normal_output_activation
+from d2i_jax.perception.normal_head import NormalHeadOutput, normal_training_loss
+from d2i_jax.tasks.normals import NormalsTask
 
 
 def _np_activation(raw: np.ndarray) -> np.ndarray:
@@ -101,3 +104,31 @@ def test_empty_mask_gives_zero(name):
     value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(raw, jnp.float32))
     assert float(value) == 0.0
     assert np.isfinite(np.asarray(grad)).all() and not np.asarray(grad).any()
+
+
+def _training_outputs(size: int, seed: int) -> NormalHeadOutput:
+    """Train-mode head outputs at 1/8 ... 1/1 of `size`: random maps, each refined level carrying its points."""
+    rng = np.random.default_rng(seed)
+    maps = [np.asarray(normal_output_activation(jnp.asarray(rng.standard_normal((2, size // s, size // s, 4)))))
+            for s in (8, 4, 2, 1)]
+    indices = [np.stack([rng.permutation(m.shape[1] * m.shape[2])[: m.shape[1] * m.shape[2] // 2] for _ in m])
+               for m in maps[1:]]
+    points = [np.take_along_axis(m.reshape(2, -1, 4), i[..., None], axis=1) for m, i in zip(maps[1:], indices,
+                                                                                           strict=True)]
+    return NormalHeadOutput(maps=tuple(map(jnp.asarray, maps)), points=tuple(map(jnp.asarray, points)),
+                            indices=tuple(map(jnp.asarray, indices)))
+
+
+@pytest.mark.parametrize("name", sorted(NORMAL_LOSSES))
+def test_task_loss_levels(name):
+    """Bae: uncertainty-guided losses sum the 1/8 map (upsampled) and the three sampled levels; the others score
+    only the final full-resolution map (the upsampled map with the sampled points replaced)."""
+    out = _training_outputs(16, seed=5)
+    _, gt, mask = _case((2, 16, 16), seed=6)
+    loss = float(NormalsTask(loss=name).loss_fn(out, {keys.NORMAL: jnp.asarray(gt, jnp.float32), keys.MASK: mask}))
+    final_only = _np_loss(name, np.asarray(out.maps[-1], np.float64), gt, mask)
+    if name.startswith("ug_"):
+        np.testing.assert_allclose(loss, float(normal_training_loss(out, gt, mask, NORMAL_LOSSES[name])), rtol=1e-6)
+        assert abs(loss - final_only) > 1e-3
+    else:
+        np.testing.assert_allclose(loss, final_only, rtol=2e-5, atol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 from d2i_jax.data import keys, scenes
 from d2i_jax.data.nyu import Augment, NyuNormals, augment
 from d2i_jax.data.pipeline import collate, make_loader, shard
+from d2i_jax.data.synthetic import FixedMix, Flagged
 
 
 class Toy:
@@ -107,6 +108,31 @@ def test_random_map_differs_between_epochs():
     assert not np.array_equal(batches[0][keys.IMAGE], batches[1][keys.IMAGE])
     again = list(make_loader(Toy(4), batch_size=4, shuffle=False, num_epochs=2, random_map=jitter))
     np.testing.assert_array_equal(again[1][keys.IMAGE], batches[1][keys.IMAGE])
+
+
+def test_fixed_mix_draws_fresh_orders_every_epoch_and_resumes():
+    real, synthetic = Flagged(Toy(5)), Flagged(Toy(3), flag=True)
+
+    def make(seed: int):
+        mix = FixedMix(real, synthetic, m=2, n=2, seed=seed, epochs=2)
+        return make_loader(mix, batch_size=4, shuffle=False, num_epochs=1)
+
+    batches = list(make(0))
+    assert len(batches) == 6  # 3 blocks per epoch: until the 5 real images were seen once
+    assert all(b[keys.SYNTHETIC].tolist() == [False, False, True, True] for b in batches)
+    ids = _ids(batches)
+    epochs = [ids[:3], ids[3:]]
+    for epoch in epochs:
+        real_ids, synthetic_ids = [i for b in epoch for i in b[:2]], [i for b in epoch for i in b[2:]]
+        assert sorted(real_ids[:5]) == list(range(5)) and sorted(synthetic_ids[:3]) == list(range(3))
+    assert epochs[0] != epochs[1]  # fresh permutations in the second epoch
+    assert _ids(make(0)) == ids and _ids(make(1)) != ids  # from the seed
+    it = make(0)
+    for _ in range(4):  # into the second epoch
+        next(it)
+    restored = make(0)
+    restored.set_state(it.get_state())
+    assert _ids(restored) == ids[4:]
 
 
 def test_worker_processes_give_the_same_batches(nyu_root):

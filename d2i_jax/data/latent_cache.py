@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from d2i_jax.data import keys
+from d2i_jax.data.fingerprint import source_fingerprint
 from d2i_jax.data.pipeline import RandomAccessSource
 from d2i_jax.training.sharding import global_batch, local_rows, round_up_to_shards
 
@@ -44,7 +45,10 @@ def _meta_file(path: Path) -> Path:
 
 
 def _is_current(path: Path, meta: dict[str, Any]) -> bool:
-    """Whether `path` holds moments written for `meta` (the source, its length and the caller's fingerprint)."""
+    """Whether `path` holds moments written for `meta` (the source's content, its length and the caller's
+    fingerprint); never for a source whose content is unknown."""
+    if meta["content"] is None:
+        return False
     try:
         if json.loads(_meta_file(path).read_text()) != meta:
             return False
@@ -68,9 +72,10 @@ def encode_moments(
     """Encodes the image of every example of `source` once and writes the posteriors' moments to `path`.
 
     Every process must call this with the same source (all processes hold the full result afterwards, each in its
-    own file, see `cache_file`). A file written earlier for the same source (its `repr` and length) and
-    `fingerprint` is reused, when it is current on every process (a source without its own `__repr__` has the
-    default one, with its address, so it is encoded again in every run).
+    own file, see `cache_file`). A file written earlier for the same source content (`source.fingerprint()`:
+    settings and the sizes and modification times of its files, see `d2i_jax.data.fingerprint`), length and
+    `fingerprint` is reused, when it is current on every process; a source without `fingerprint()` is encoded
+    again every time.
 
     Args:
       source: random-access examples with equally sized `keys.IMAGE` in [-1, 1] (e.g. `NyuNormals`,
@@ -89,7 +94,9 @@ def encode_moments(
     """
     path = Path(path)
     n = len(source)
-    meta = {"source": repr(source), "count": n, "fingerprint": fingerprint}
+    meta = {"source": repr(source), "content": source_fingerprint(source), "count": n, "fingerprint": fingerprint}
+    if meta["content"] is None:
+        print(f"[{desc}] {source!r} has no content fingerprint (d2i_jax.data.fingerprint): encoding it again")
     everywhere = multihost_utils.process_allgather(np.int32(_is_current(path, meta)))
     if np.all(everywhere):
         print(f"[{desc}] reusing {path}")

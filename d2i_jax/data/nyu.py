@@ -20,9 +20,11 @@ import numpy as np
 from PIL import Image
 
 from d2i_jax.data import keys
+from d2i_jax.data.fingerprint import digest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-EXTRA_KEYS = (keys.DEPTH, keys.SEMSEG)
+EXTRA_FILES = {keys.DEPTH: ("depth", ".npy"), keys.SEMSEG: ("semseg", ".png")}  # key -> (folder, suffix)
+EXTRA_KEYS = tuple(EXTRA_FILES)
 
 
 class DatasetFileError(OSError):
@@ -183,6 +185,13 @@ class NyuNormals:
     def __repr__(self) -> str:
         return f"NyuNormals(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, size={self.size})"
 
+    def fingerprint(self) -> str:
+        """Digest of the settings and of every file the examples are read from (`d2i_jax.data.fingerprint`)."""
+        files = [path for r in self.records for path in (
+            r.image, r.normal, r.sibling("caption", ".txt"), *(r.sibling(*EXTRA_FILES[k]) for k in self.extra_keys))]
+        return digest("NyuNormals", self.size, self.fallback_caption, self.extra_keys, self.augment, self.seed,
+                      files=files)
+
     def caption(self, index: int) -> str:
         """The caption file's text (stripped), or `fallback_caption` if the example has none."""
         path = self.records[index].sibling("caption", ".txt")
@@ -203,9 +212,9 @@ class NyuNormals:
             keys.ID: np.int32(index), keys.CAPTION: self.caption(index),
         }
         if keys.DEPTH in self.extra_keys:
-            ex[keys.DEPTH] = self._depth(r.sibling("depth", ".npy"), img.size)
+            ex[keys.DEPTH] = self._depth(r.sibling(*EXTRA_FILES[keys.DEPTH]), img.size)
         if keys.SEMSEG in self.extra_keys:
-            sem = _load_png(r.sibling("semseg", ".png"), "semseg", ("L", "P"))
+            sem = _load_png(r.sibling(*EXTRA_FILES[keys.SEMSEG]), "semseg", ("L", "P"))
             ex[keys.SEMSEG] = np.asarray(_resize(sem, self.size, Image.Resampling.NEAREST)).astype(np.int32)
         return ex
 

@@ -6,6 +6,7 @@ A synthetic example has no ground truth: its label is predicted online by theta_
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from d2i_jax.data import keys
+from d2i_jax.data.fingerprint import combined, digest
 
 
 class SyntheticImages:
@@ -31,6 +33,17 @@ class SyntheticImages:
     def __repr__(self) -> str:
         return f"SyntheticImages(root={str(self.root)!r}, n={len(self)})"
 
+    def _caption_file(self, index: int) -> Path:
+        return self.root / "caption" / f"{self.paths[index].stem}.txt"
+
+    def fingerprint(self) -> str:
+        """Digest of the size, the image and caption files (`d2i_jax.data.fingerprint`) and the content of create's
+        `manifest.jsonl` (what each image was generated with), when there is one."""
+        manifest = self.root / "manifest.jsonl"
+        recorded = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+        captions = [self._caption_file(i) for i in range(len(self))]
+        return digest("SyntheticImages", self.size, recorded, files=[*self.paths, *captions])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
         try:
@@ -41,7 +54,7 @@ class SyntheticImages:
                 image = np.asarray(im, np.float32) / 127.5 - 1.0
         except OSError as e:
             raise OSError(f"cannot read generated image {path}: {e}") from e
-        caption_file = self.root / "caption" / f"{path.stem}.txt"
+        caption_file = self._caption_file(index)
         h, w = image.shape[:2]
         return {
             keys.IMAGE: image, keys.NORMAL: np.zeros((h, w, 3), np.float32), keys.MASK: np.zeros((h, w), bool),
@@ -62,6 +75,9 @@ class Flagged:
     def __repr__(self) -> str:
         return f"Flagged({self.source!r}, synthetic={self.flag})"
 
+    def fingerprint(self) -> str | None:
+        return combined("Flagged", self.flag, sources=[self.source])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.source[index], keys.SYNTHETIC: np.bool_(self.flag)}
 
@@ -79,6 +95,9 @@ class Pool:
     def __repr__(self) -> str:
         return f"Pool({self.sources!r})"
 
+    def fingerprint(self) -> str | None:
+        return combined("Pool", sources=self.sources)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return self.sources[i][index - int(self.offsets[i])]
@@ -87,27 +106,30 @@ class Pool:
 class FixedMix:
     """The paper's Eq. 7 mix: every consecutive block of `m + n` examples is m real then n synthetic.
 
-    Read it unshuffled with batch size `m + n` (the sources are permuted here, from `seed`); an epoch lasts until
-    the larger source has been seen once.
+    The source spans all `epochs`: an epoch lasts until the larger source has been seen once, and each draws fresh
+    permutations of both sources from `(seed, epoch)`. Read it once, unshuffled, with batch size `m + n`; as an
+    index alone fixes its example, grain's iterator state resumes it exactly.
     """
 
-    def __init__(self, real: Any, synthetic: Any, m: int, n: int, seed: int = 0):
+    def __init__(self, real: Any, synthetic: Any, m: int, n: int, seed: int = 0, epochs: int = 1):
         if m <= 0 or n <= 0:
             raise ValueError(f"fixed mix needs m, n > 0, got m={m}, n={n}")
-        self.real, self.synthetic, self.m, self.n = real, synthetic, m, n
-        rng = np.random.default_rng(seed)
-        self.real_order, self.syn_order = rng.permutation(len(real)), rng.permutation(len(synthetic))
-        self.batches = max(-(-len(real) // m), -(-len(synthetic) // n))
+        self.real, self.synthetic, self.m, self.n, self.seed, self.epochs = real, synthetic, m, n, seed, epochs
+        self.epoch_length = max(-(-len(real) // m), -(-len(synthetic) // n)) * (m + n)
 
     def __len__(self) -> int:
-        return self.batches * (self.m + self.n)
+        return self.epochs * self.epoch_length
 
     def __repr__(self) -> str:
-        return f"FixedMix(m={self.m}, n={self.n}, real={self.real!r}, synthetic={self.synthetic!r})"
+        return (f"FixedMix(m={self.m}, n={self.n}, seed={self.seed}, epochs={self.epochs}, real={self.real!r}, "
+                f"synthetic={self.synthetic!r})")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        b, j = divmod(index, self.m + self.n)
+        epoch, position = divmod(index, self.epoch_length)
+        rng = np.random.default_rng([self.seed, epoch])
+        real_order, syn_order = rng.permutation(len(self.real)), rng.permutation(len(self.synthetic))
+        b, j = divmod(position, self.m + self.n)
         if j < self.m:
-            return self.real[int(self.real_order[(b * self.m + j) % len(self.real)])]
+            return self.real[int(real_order[(b * self.m + j) % len(self.real)])]
         k = b * self.n + j - self.m
-        return self.synthetic[int(self.syn_order[k % len(self.synthetic)])]
+        return self.synthetic[int(syn_order[k % len(self.synthetic)])]

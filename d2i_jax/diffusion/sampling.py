@@ -61,6 +61,25 @@ def predict_x0(schedule: NoiseSchedule, model_output: jax.Array, t: jax.Array | 
     return _x0_and_eps(schedule, model_output, t, x_t)[0].astype(x_t.dtype)
 
 
+def _per_example_keys(rng: jax.Array) -> bool:
+    """Whether `rng` holds one PRNG key per example (`[B]` typed keys, `[B, 2]` raw ones) rather than one key."""
+    return rng.ndim > (0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 1)
+
+
+def _standard_normal(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """float32 noise of `shape` from one key, or row b from key b of per-example keys (batch-independent rows)."""
+    if _per_example_keys(rng):
+        return jax.vmap(lambda key: jax.random.normal(key, shape[1:], jnp.float32))(rng)
+    return jax.random.normal(rng, shape, jnp.float32)
+
+
+def _fold_in(rng: jax.Array, data: jax.Array) -> jax.Array:
+    """`jax.random.fold_in` of one key, or of each of per-example keys."""
+    if _per_example_keys(rng):
+        return jax.vmap(jax.random.fold_in, (0, None))(rng, data)
+    return jax.random.fold_in(rng, data)
+
+
 def ddim_step(
     schedule: NoiseSchedule,
     model_output: jax.Array,
@@ -82,7 +101,8 @@ def ddim_step(
       t_prev: the timestep(s) to step to, a scalar or `[B]`.
       x_t: current `[B, ...]` sample.
       eta: DDIM stochasticity, 0 (deterministic DDIM) to 1 (DDPM-like); a Python float.
-      rng: PRNG key for the sigma·z term; required when `eta != 0`.
+      rng: PRNG key for the sigma·z term, or `[B]` keys, one per example (its noise then does not depend on the
+        rest of the batch); required when `eta != 0`.
 
     Returns:
       `DDIMStepOutput(prev_sample, pred_x0)` in the dtype of `x_t`.
@@ -100,7 +120,7 @@ def ddim_step(
     direction = expand_to(jnp.sqrt(jnp.maximum(1.0 - alpha_prev - std**2, 0.0)), x_t) * pred_eps
     prev = expand_to(sqrt_alpha_prev, x_t) * pred_x0 + direction
     if eta != 0.0:
-        prev = prev + expand_to(std, x_t) * jax.random.normal(rng, x_t.shape, jnp.float32)
+        prev = prev + expand_to(std, x_t) * _standard_normal(rng, x_t.shape)
     return DDIMStepOutput(prev.astype(x_t.dtype), pred_x0.astype(x_t.dtype))
 
 
@@ -174,7 +194,7 @@ def ddim_sample(
         x, _ = carry
         i, t, t_prev = xs
         out, aux = model(x, t)
-        step_rng = None if eta == 0.0 else jax.random.fold_in(rng, i)
+        step_rng = None if eta == 0.0 else _fold_in(rng, i)
         x = ddim_step(schedule, out, t, t_prev, x, eta=eta, rng=step_rng).prev_sample
         return (x, aux), None
 

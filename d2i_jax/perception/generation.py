@@ -81,7 +81,7 @@ class PairGenerator:
 
         z, block_outputs = ddim_sample(
             denoise, bb.schedule, x_t, self.timesteps, context=context, uncond_context=uncond,
-            guidance_scale=self.guidance_scale, eta=self.eta, rng=keys[0, 2], has_aux=True,
+            guidance_scale=self.guidance_scale, eta=self.eta, rng=keys[:, 2], has_aux=True,
         )
         rgb = bb.vae.apply({"params": frozen["vae"]}, z / bb.vae.scaling_factor, method="decode")
         size = rgb.shape[1:3]

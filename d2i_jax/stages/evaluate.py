@@ -8,6 +8,7 @@ code: 640x480 on NYUv2) and errors are pooled over all valid pixels of all image
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -33,6 +34,14 @@ def _models(r: Run) -> dict[str, tuple[Any, Any]]:
         if r.model_dir(stage).exists():
             out[name] = r.load_model(stage)
     return out
+
+
+def picture_columns(models: Collection[str]) -> tuple[list[str], str]:
+    """(the trained models whose normals `predictions.png` shows, in stage order; the model whose kappa it shows:
+    the final one, theta_C, else theta_W, else the untrained head). Independent of the order of `models`: the
+    stage's dicts come back from jax with sorted keys."""
+    trained = [name for name in TRAINED if name in models]
+    return trained, (trained or ["untrained"])[-1]
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -61,6 +70,7 @@ def run(r: Run) -> None:
     models = r.shard(models)
     batch_size = round_up_to_shards(cfg.batch_size, mesh)
     accs = {name: r.task.new_metrics() for name in models}
+    shown, kappa_of = picture_columns(models)
     rows = []
     # Every process reads every batch (the same order, the same step count) and feeds its own rows; predictions
     # are gathered, so each process holds the same metrics.
@@ -79,15 +89,14 @@ def run(r: Run) -> None:
             r.task.update_metrics(accs[name], jnp.asarray(pred), labels)
         for k in range(min(n, cfg.num_pictures - len(rows))):
             row = [viz.image_to_uint8(local[keys.IMAGE][k]), r.task.label_picture({x: v[k] for x, v in labels.items()})]
-            row += [r.task.pictures(preds[name][k])["normal"] for name in preds if name != "untrained"]
-            last = list(preds)[-1]
-            row.append(r.task.pictures(preds[last][k])["uncertainty"])
+            row += [r.task.pictures(preds[name][k])["normal"] for name in shown]
+            row.append(r.task.pictures(preds[kappa_of][k])["uncertainty"])
             rows.append(row)
     results = {name: acc.result() for name, acc in accs.items()}
     for name, m in results.items():
         r.writer.write("evaluate", 0, {f"{name}/{k}": v for k, v in m.items()})
     if jax.process_index() == 0:
         (r.workdir / "metrics.json").write_text(json.dumps(results, indent=2))
-        labels = ["image", "ground truth", *[n for n in models if n != "untrained"], f"kappa ({list(models)[-1]})"]
+        labels = ["image", "ground truth", *shown, f"kappa ({kappa_of})"]
         viz.save_grid(r.stage_dir("evaluate") / "predictions.png", rows, labels)
     print(f"[evaluate] {len(source)} test images, angular error pooled over valid pixels:\n{format_table(results)}")

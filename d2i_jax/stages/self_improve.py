@@ -31,17 +31,18 @@ def run(r: Run) -> None:
     real, synthetic = with_cached_latents(r, "self_improve", {"real": real, "synthetic": synthetic}).values()
     batch = r.config.train.batch_size
     if cfg.mix == "pool":
-        source, shuffle = Pool([real, synthetic]), True
+        source, shuffle, epochs = Pool([real, synthetic]), True, cfg.epochs
     elif cfg.mix == "fixed":
         if cfg.real_per_batch + cfg.synthetic_per_batch != batch or jax.process_count() > 1:
             raise ValueError("self_improve.mix='fixed' needs real_per_batch + synthetic_per_batch == "
                              f"train.batch_size ({batch}) on a single process")
-        source, shuffle = FixedMix(real, synthetic, cfg.real_per_batch, cfg.synthetic_per_batch, r.config.seed), False
+        source = FixedMix(real, synthetic, cfg.real_per_batch, cfg.synthetic_per_batch, r.config.seed, cfg.epochs)
+        shuffle, epochs = False, 1  # the mix spans all epochs
     else:
         raise ValueError(f"self_improve.mix must be 'pool' or 'fixed', got {cfg.mix!r}")
     every = ema_every_steps(cfg.ema_every_samples, batch)
     print(f"[self_improve] {len(real)} real + {len(synthetic)} synthetic images ({cfg.mix}), {cfg.epochs} epochs, "
           f"EMA alpha={cfg.ema_decay} every {every} steps")
     steps = Steps(r.perceiver, r.task, tx, ema_decay=cfg.ema_decay, ema_every=every)
-    state = fit(r, "self_improve", steps, state, source, epochs=cfg.epochs, shuffle=shuffle)
+    state = fit(r, "self_improve", steps, state, source, epochs=epochs, shuffle=shuffle)
     r.save_model("self_improve", state.ema_params, state.ema_batch_stats)

@@ -12,7 +12,7 @@ import numpy as np
 
 from d2i_jax import viz
 from d2i_jax.data import keys
-from d2i_jax.losses import NORMAL_LOSSES
+from d2i_jax.losses import NORMAL_LOSSES, UNCERTAINTY_GUIDED
 from d2i_jax.metrics import NormalErrorAccumulator
 from d2i_jax.perception.normal_head import NormalHead, NormalHeadOutput, normal_training_loss, renormalise
 
@@ -44,7 +44,12 @@ class NormalsTask:
         return {"gt_mask": labels[keys.MASK], "sampling_key": rng}
 
     def loss_fn(self, outputs: NormalHeadOutput, labels: Mapping[str, jax.Array]) -> jax.Array:
-        return normal_training_loss(outputs, labels[keys.NORMAL], labels[keys.MASK], NORMAL_LOSSES[self.loss])
+        """Bae's training loss: an uncertainty-guided one on every level (`normal_training_loss`), `angular` and
+        `l2` on the final full-resolution map only (the upsampled map with the sampled points replaced)."""
+        loss = NORMAL_LOSSES[self.loss]
+        if self.loss in UNCERTAINTY_GUIDED:
+            return normal_training_loss(outputs, labels[keys.NORMAL], labels[keys.MASK], loss)
+        return loss(outputs.maps[-1], labels[keys.NORMAL], labels[keys.MASK])
 
     @staticmethod
     def prediction(outputs: NormalHeadOutput) -> jax.Array:
