@@ -61,7 +61,10 @@ class Perceiver:
         shapes = jax.eval_shape(
             lambda x: self.block_outputs({"unet": frozen["unet"]}, frozen, x, context, jax.random.key(0)), images)
         feats = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-        variables = jax.jit(lambda r: self.predictor.init(r, feats, image_size, train=False))(rng)
+        # runs once: on CPUs XLA's backend optimisations only slow the (PRNG-heavy) compile down, ~4x
+        fast_compile = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+        variables = jax.jit(lambda r: self.predictor.init(r, feats, image_size, train=False),
+                            compiler_options=fast_compile)(rng)
         params = {"head": variables["params"]}
         if self.train_unet:
             params["unet"] = frozen["unet"]
