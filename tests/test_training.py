@@ -1,4 +1,4 @@
-"""Train state, EMA (theta_C), the pure train step and its online pseudo-labelling, on a tiny random model."""
+"""Train state, EMA (theta_C), the pure train step, its online pseudo-labelling and paired generation (tiny model)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from d2i_jax.data import keys
+from d2i_jax.perception.generation import PairGenerator
 from d2i_jax.training.state import TrainState, ema_every_steps, update_ema
 from d2i_jax.training.steps import Steps, make_optimizer
 from tests import tiny_pipeline
@@ -95,3 +96,19 @@ def test_synthetic_examples_are_labelled_by_theta_c(tiny):
     for c, e, old in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(new.params),
                          jax.tree.leaves(state.ema_params), strict=True):
         np.testing.assert_allclose(c, 0.5 * old + 0.5 * e, rtol=1e-5, atol=1e-7)
+
+
+def test_stochastic_ddim_pairs_do_not_depend_on_the_batch(tiny):
+    """Paired generation: with eta > 0 an image's pair depends on its own key only, not on its batch."""
+    perceiver, task, frozen, params, stats = tiny
+    gen = PairGenerator(perceiver, task, num_steps=2, start_t=600, eta=1.0)
+    images = jnp.asarray(tiny_pipeline.batch(3)[keys.IMAGE])
+    context = jnp.zeros((3, *tiny_pipeline.CONTEXT[1:]))
+    rngs = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(3))
+    run = jax.jit(lambda c, k, x: gen(frozen, params, stats, c, context[:1], k, x),
+                  compiler_options={"xla_backend_optimization_level": 0})  # faster to compile on CPU
+    rgb, pred = run(context, rngs, images)
+    for i in range(3):
+        rgb_i, pred_i = run(context[i:i + 1], rngs[i:i + 1], images[i:i + 1])
+        np.testing.assert_allclose(rgb_i[0], rgb[i], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(pred_i[0], pred[i], rtol=1e-4, atol=1e-4)

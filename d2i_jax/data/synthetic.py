@@ -6,6 +6,7 @@ A synthetic example has no ground truth: its label is predicted online by theta_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,10 +125,15 @@ class FixedMix:
         return (f"FixedMix(m={self.m}, n={self.n}, seed={self.seed}, epochs={self.epochs}, real={self.real!r}, "
                 f"synthetic={self.synthetic!r})")
 
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - a few sources per run; the orders of the current epoch
+    def _orders(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(real, synthetic) permutations of `epoch`, drawn from `(seed, epoch)`."""
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.permutation(len(self.real)), rng.permutation(len(self.synthetic))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         epoch, position = divmod(index, self.epoch_length)
-        rng = np.random.default_rng([self.seed, epoch])
-        real_order, syn_order = rng.permutation(len(self.real)), rng.permutation(len(self.synthetic))
+        real_order, syn_order = self._orders(epoch)
         b, j = divmod(position, self.m + self.n)
         if j < self.m:
             return self.real[int(real_order[(b * self.m + j) % len(self.real)])]
