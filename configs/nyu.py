@@ -102,6 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.batch_size = 8
+    c.evaluate.protocol = "public"  # public test.py / evaluation.py: 8-bit predictions, resizes without antialiasing,
+    # degrees as 180 / 3.14; "exact": float predictions, antialiased resizes, 180 / pi
     c.evaluate.num_pictures = 8
 
     c.generate = ml_collections.ConfigDict()

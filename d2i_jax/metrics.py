@@ -24,13 +24,15 @@ THRESHOLDS_DEG = (5.0, 7.5, 11.25, 22.5, 30.0)
 PCT_KEYS = tuple("pct_" + f"{thr:g}".replace(".", "_") for thr in THRESHOLDS_DEG)  # pct_5, pct_7_5, ...
 METRIC_KEYS = ("mean", "median", "rmse", *PCT_KEYS)
 DEFAULT_BIN_WIDTH = 0.01  # degrees
+DEGREES_PER_RADIAN = 180.0 / np.pi
+PUBLIC_DEGREES_PER_RADIAN = 180.0 / 3.14  # the public Diff-2-in-1 evaluation.py's conversion (0.05 % larger)
 
 
-def angular_error_deg(pred: jax.Array, gt: jax.Array) -> jax.Array:
+def angular_error_deg(pred: jax.Array, gt: jax.Array, degrees_per_radian: float = DEGREES_PER_RADIAN) -> jax.Array:
     """Angle in degrees between `pred[..., :3]` and `gt[..., :3]` (extra channels such as κ are ignored)."""
     a, b = pred[..., :3].astype(jnp.float32), gt[..., :3].astype(jnp.float32)
     cross = jnp.linalg.norm(jnp.cross(a, b), axis=-1)
-    return jnp.degrees(jnp.arctan2(cross, jnp.sum(a * b, axis=-1)))
+    return jnp.arctan2(cross, jnp.sum(a * b, axis=-1)) * degrees_per_radian
 
 
 def valid_normal_mask(gt: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -75,7 +77,8 @@ def normal_errors(pred: jax.Array, gt: jax.Array, mask: jax.Array | None = None)
 
 @functools.partial(jax.jit, static_argnames="bin_width")
 def normal_error_stats(
-    pred: jax.Array, gt: jax.Array, mask: jax.Array | None = None, *, bin_width: float = DEFAULT_BIN_WIDTH
+    pred: jax.Array, gt: jax.Array, mask: jax.Array | None = None, *, bin_width: float = DEFAULT_BIN_WIDTH,
+    degrees_per_radian: float = DEGREES_PER_RADIAN,
 ) -> dict[str, jax.Array]:
     """Sufficient statistics of one batch for `NormalErrorAccumulator` (jitted; sum them over batches/devices).
 
@@ -84,12 +87,13 @@ def normal_error_stats(
       gt: `[..., 3]` ground-truth normals.
       mask: optional boolean `[...]` validity mask.
       bin_width: histogram bin width in degrees (static); the histogram covers [0, 180].
+      degrees_per_radian: the conversion (`PUBLIC_DEGREES_PER_RADIAN` reproduces the public evaluation script).
 
     Returns:
       `count` (int32), `sum` and `sum_sq` of the error in degrees (float32), `below` (int32 `[5]`, pixels under
       each of `THRESHOLDS_DEG`) and `hist` (int32 `[ceil(180 / bin_width)]`).
     """
-    err = angular_error_deg(pred, gt).reshape(-1)
+    err = angular_error_deg(pred, gt, degrees_per_radian).reshape(-1)
     valid = valid_normal_mask(gt, mask).reshape(-1)
     masked = jnp.where(valid, err, 0.0)
     num_bins = _num_bins(bin_width)
@@ -120,8 +124,9 @@ class NormalErrorAccumulator:
       metrics = acc.result()
     """
 
-    def __init__(self, bin_width: float = DEFAULT_BIN_WIDTH) -> None:
+    def __init__(self, bin_width: float = DEFAULT_BIN_WIDTH, degrees_per_radian: float = DEGREES_PER_RADIAN) -> None:
         self.bin_width = float(bin_width)
+        self.degrees_per_radian = float(degrees_per_radian)
         self.count = 0
         self._sum = 0.0
         self._sum_sq = 0.0
@@ -130,7 +135,8 @@ class NormalErrorAccumulator:
 
     def update(self, pred: jax.Array, gt: jax.Array, mask: jax.Array | None = None) -> None:
         """Adds one batch (`normal_error_stats` arguments)."""
-        self.add_stats(normal_error_stats(pred, gt, mask, bin_width=self.bin_width))
+        self.add_stats(normal_error_stats(pred, gt, mask, bin_width=self.bin_width,
+                                          degrees_per_radian=self.degrees_per_radian))
 
     def add_stats(self, stats: dict[str, jax.Array]) -> None:
         """Adds precomputed `normal_error_stats` (e.g. already summed across devices)."""

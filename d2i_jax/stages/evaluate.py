@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from d2i_jax.runner import Run
 
 TRAINED = {"theta_W": "warmup", "theta_C": "self_improve"}  # model name -> the stage that saves it
+# "public": as the public test.py + evaluation.py (test images resized to the model's input and predictions back
+# without antialiasing, predictions quantised to 8 bits, degrees as 180 / 3.14); "exact": antialiased resizes, float
+# predictions, 180 / pi
+EVAL_PROTOCOLS = ("public", "exact")
 
 
 def _models(r: Run) -> dict[str, tuple[Any, Any]]:
@@ -59,17 +63,20 @@ def run(r: Run) -> None:
     mesh = r.mesh
     steps = Steps(r.perceiver, r.task, None)
     size = tuple(r.config.data.image_size)
+    protocol = cfg.protocol
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"config.evaluate.protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}")
 
     def predict(models, frozen, images, context, rng):
         native = images.shape[1:3]
-        small = jax.image.resize(images, (images.shape[0], *size, 3), "bilinear", antialias=True)
+        small = jax.image.resize(images, (images.shape[0], *size, 3), "bilinear", antialias=protocol == "exact")
         preds = steps.predict(models, frozen, small, context, rng)
-        return {name: r.task.resize_prediction(p, native) for name, p in preds.items()}
+        return {name: r.task.resize_prediction(p, native, protocol) for name, p in preds.items()}
 
     predict = jax.jit(predict)
     models = r.shard(models)
     batch_size = round_up_to_shards(cfg.batch_size, mesh)
-    accs = {name: r.task.new_metrics() for name in models}
+    accs = {name: r.task.new_metrics(protocol) for name in models}
     shown, kappa_of = picture_columns(models)
     rows = []
     # Every process reads every batch (the same order, the same step count) and feeds its own rows; predictions

@@ -13,7 +13,7 @@ import numpy as np
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.losses import NORMAL_LOSSES, UNCERTAINTY_GUIDED
-from d2i_jax.metrics import NormalErrorAccumulator
+from d2i_jax.metrics import DEGREES_PER_RADIAN, PUBLIC_DEGREES_PER_RADIAN, NormalErrorAccumulator
 from d2i_jax.perception.normal_head import NormalHead, NormalHeadOutput, normal_training_loss, renormalise
 
 
@@ -62,14 +62,22 @@ class NormalsTask:
         return {keys.NORMAL: prediction[..., :3], keys.MASK: jnp.ones(prediction.shape[:-1], bool)}
 
     @staticmethod
-    def resize_prediction(prediction: jax.Array, size: tuple[int, int]) -> jax.Array:
-        """Bilinear resize to the label's native size, normals renormalised (evaluation at native resolution)."""
-        return renormalise(jax.image.resize(prediction, (prediction.shape[0], *size, prediction.shape[-1]),
-                                            "bilinear"))
+    def resize_prediction(prediction: jax.Array, size: tuple[int, int], protocol: str = "public") -> jax.Array:
+        """The prediction at the label's native size (evaluation at native resolution), by `EVAL_PROTOCOLS`:
+        "public" as the public test.py / evaluation.py (normals written to an 8-bit PNG, read back, resized bilinearly
+        without antialiasing); "exact": float normals, antialiased bilinear resize, renormalised."""
+        if protocol == "public":
+            normals = jnp.round((prediction[..., :3] + 1) * 127.5) / 127.5 - 1
+            prediction = jnp.concatenate([normals, prediction[..., 3:]], axis=-1)
+        resized = jax.image.resize(prediction, (prediction.shape[0], *size, prediction.shape[-1]), "bilinear",
+                                   antialias=protocol == "exact")
+        return renormalise(resized)
 
     @staticmethod
-    def new_metrics() -> NormalErrorAccumulator:
-        return NormalErrorAccumulator()
+    def new_metrics(protocol: str = "public") -> NormalErrorAccumulator:
+        """Angular-error accumulator; "public" converts radians with 180 / 3.14 as the public evaluation.py."""
+        return NormalErrorAccumulator(degrees_per_radian=PUBLIC_DEGREES_PER_RADIAN if protocol == "public"
+                                      else DEGREES_PER_RADIAN)
 
     @staticmethod
     def update_metrics(acc: NormalErrorAccumulator, prediction: jax.Array, labels: Mapping[str, Any]) -> None:
