@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.t_feat = 0  # timestep of the feature pass
     c.model.sample_posterior = True  # public code: posterior sample x 0.18215; False: the mean
     c.model.prompt = ""  # perception context: the empty prompt, embedded once per run
-    c.model.use_captions = False  # True: each image's caption as the perception context
+    c.model.use_captions = False  # True: each image's caption as the perception context (neither the paper nor the
+    # public code: both caption only the creation path, `create.use_captions`)
     c.model.cache_latents = True  # encode each training image's VAE posterior once, sample it every step (same
     # training, no VAE encoder in the step); ignored with augmentation, which changes the images every epoch
     c.model.train_unet = False  # frozen SD (paper Table B: fine-tuning is worse)
@@ -80,6 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.create.T = 600  # partial noise level (paper ablates 300 / 600 / 800)
     c.create.num_steps = 50  # public code: timesteps 589, 577, ..., 13, 1
     c.create.guidance_scale = 1.0  # no classifier-free guidance (public code)
+    c.create.use_captions = True  # caption-conditioned creation (public code, paper); False: the empty prompt, the
+    # paper's "no caption" ablation (Table A)
     c.create.eta = 0.0
     c.create.num_images = -1  # public code: one per training image (795); paper: 500 on NYUv2 normals
     c.create.batch_size = 8

@@ -1,0 +1,76 @@
+"""Stage switches around the self-improving loop: `create.use_captions`.
+
+Stage-level on a tiny random SD, with the expensive parts (DDIM generation, the training loop) replaced by
+recording stand-ins: what is checked is what each stage feeds them and what it saves.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from d2i_jax import runner
+from d2i_jax.data import keys
+from d2i_jax.models.random_sd import write_random_sd
+from d2i_jax.stages import create
+
+UP = np.array([0.0, 0.0, 1.0], np.float32)  # the stand-in generator's label everywhere
+
+
+class RecordingGenerator:
+    """Returns the input images and an all-UP label; records the text context it is given."""
+
+    timesteps = np.array([1])
+
+    def __init__(self):
+        self.contexts = []
+
+    def __call__(self, frozen, params, batch_stats, context, uncond, rngs, images, latent_shape):
+        jax.debug.callback(lambda c: self.contexts.append(np.asarray(c)), context)
+        label = jnp.broadcast_to(jnp.append(jnp.asarray(UP), 1.0), (*images.shape[:3], 4))
+        return images, label
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    c = demo.get_config()
+    c.sd_path = str(write_random_sd(tmp_path_factory.mktemp("sd")))
+    c.data.image_size = (64, 64)
+    c.data.scenes.num_train, c.data.scenes.num_test, c.data.scenes.size = 4, 1, (48, 64)
+    c.train.batch_size = c.create.batch_size = 4
+    c.model.cache_latents = False
+    r = runner.Run(c, tmp_path_factory.mktemp("run"))
+    r.save_model("warmup", *r.init_model())
+    return r
+
+
+@pytest.fixture(scope="module")
+def created(run):
+    """The create stage without captions, through the stand-in generator."""
+    gen = RecordingGenerator()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(create, "generator", lambda r, cfg: gen)
+        run.config.create.use_captions = False
+        try:
+            create.run(run)
+        finally:
+            run.config.create.use_captions = True
+    jax.effects_barrier()
+    return gen
+
+
+def test_create_without_captions_conditions_on_the_empty_prompt(run, created):
+    captions = [run.source("train")[i][keys.CAPTION] for i in range(4)]
+    assert all(captions)  # the scenes have captions: the generator must not see them
+    empty = np.asarray(run.prompt_embedding(""))
+    assert len(created.contexts) == 1 and created.contexts[0].shape == (4, *empty.shape[1:])
+    np.testing.assert_array_equal(created.contexts[0], np.broadcast_to(empty, created.contexts[0].shape))
+    manifest = [json.loads(x) for x in (run.workdir / "create" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["use_captions"] for m in manifest] == [False] * 4
+    assert [m["caption"] for m in manifest] == captions  # still written beside each image
+    np.testing.assert_allclose(create.contexts(run, captions), np.asarray(run.embed(captions)), rtol=1e-6)
