@@ -1,4 +1,4 @@
-"""Stage switches around the self-improving loop: `create.use_captions`.
+"""Stage switches around the self-improving loop: `create.use_captions`, `self_improve.teacher = "fixed"`.
 
 Stage-level on a tiny random SD, with the expensive parts (DDIM generation, the training loop) replaced by
 recording stand-ins: what is checked is what each stage feeds them and what it saves.
@@ -16,8 +16,9 @@ import pytest
 from configs import demo
 from d2i_jax import runner
 from d2i_jax.data import keys
+from d2i_jax.data.synthetic import SyntheticImages
 from d2i_jax.models.random_sd import write_random_sd
-from d2i_jax.stages import create
+from d2i_jax.stages import create, self_improve
 
 UP = np.array([0.0, 0.0, 1.0], np.float32)  # the stand-in generator's label everywhere
 
@@ -74,3 +75,39 @@ def test_create_without_captions_conditions_on_the_empty_prompt(run, created):
     assert [m["use_captions"] for m in manifest] == [False] * 4
     assert [m["caption"] for m in manifest] == captions  # still written beside each image
     np.testing.assert_allclose(create.contexts(run, captions), np.asarray(run.embed(captions)), rtol=1e-6)
+
+
+def test_fixed_teacher_trains_on_stored_labels_and_saves_theta_e(run, created, monkeypatch):
+    seen = {}
+
+    def recording_fit(r, stage, steps, state, source, *, epochs, shuffle):
+        seen.update(steps=steps, source=source)
+        return state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))  # theta_E != theta_C
+
+    monkeypatch.setattr(self_improve, "fit", recording_fit)
+    monkeypatch.setattr(run.config.self_improve, "teacher", "fixed")
+    self_improve.run(run)
+    assert seen["steps"].ema_every == 0
+    examples = [seen["source"][i] for i in range(len(seen["source"]))]
+    assert len(examples) == 8 and not any(keys.SYNTHETIC in e for e in examples)  # nobody relabels them
+    for e in examples[4:]:  # the synthetic half: theta_W's stored labels are its ground truth
+        assert e[keys.MASK].all()
+        np.testing.assert_allclose(e[keys.NORMAL], np.broadcast_to(UP, e[keys.NORMAL].shape), atol=1e-2)
+    warm, saved = run.load_model("warmup"), run.load_model("self_improve")
+    for w, s in zip(jax.tree.leaves(warm[0]), jax.tree.leaves(saved[0]), strict=True):
+        np.testing.assert_allclose(s, w + 1.0, rtol=1e-6)  # theta_E, not its (unchanged) EMA
+
+
+def test_teacher_switch_is_checked_and_missing_labels_are_named(run, created, monkeypatch):
+    flagged = self_improve.sources(run, "ema")[1]
+    assert flagged[0][keys.SYNTHETIC] and not flagged[0][keys.MASK].any()  # theta_C labels these online
+    monkeypatch.setattr(run.config.self_improve, "teacher", "teacher")
+    with pytest.raises(ValueError, match="'teacher'"):
+        self_improve.run(run)
+    label = run.workdir / "create" / "label" / "000002.png"
+    label.rename(label.with_suffix(".bak"))
+    try:
+        with pytest.raises(FileNotFoundError, match=r"label/000002\.png"):
+            SyntheticImages(run.workdir / "create", labels=True)
+    finally:
+        label.with_suffix(".bak").rename(label)
