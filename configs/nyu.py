@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.t_feat = 0  # timestep of the feature pass
     c.model.sample_posterior = True  # public code: posterior sample x 0.18215; False: the mean
     c.model.prompt = ""  # perception context: the empty prompt, embedded once per run
-    c.model.use_captions = False  # True: each image's caption as the perception context
+    c.model.use_captions = False  # True: each image's caption as the perception context (neither the paper nor the
+    # public code: both caption only the creation path, `create.use_captions`)
     c.model.cache_latents = True  # encode each training image's VAE posterior once, sample it every step (same
     # training, no VAE encoder in the step); ignored with augmentation, which changes the images every epoch
     c.model.train_unet = False  # frozen SD (paper Table B: fine-tuning is worse)
@@ -87,6 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.create.T = 600  # partial noise level (paper ablates 300 / 600 / 800)
     c.create.num_steps = 50  # public code: timesteps 589, 577, ..., 13, 1
     c.create.guidance_scale = 1.0  # no classifier-free guidance (public code)
+    c.create.use_captions = True  # caption-conditioned creation (public code, paper); False: the empty prompt, the
+    # paper's "no caption" ablation (Table A)
     c.create.eta = 0.0
     c.create.num_images = -1  # public code: one per training image (795); paper: 500 on NYUv2 normals
     c.create.batch_size = 8
@@ -95,8 +98,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.self_improve = ml_collections.ConfigDict()
     c.self_improve.epochs = 50
     c.self_improve.ema_decay = 0.998  # paper: 0.998 (0.999 on PASCAL-Context), robust over 0.99-0.999
-    c.self_improve.ema_every_samples = 40  # paper: every 40 samples (batch 4: 10 steps); public code: 10 steps of 8
+    c.self_improve.ema_every_samples = 80  # public code: ema_update_interval=10 over its `batch_size`, reassigned to
+    # n_samples=1, so every 10 steps of the loader's batch 8; paper: every 40 samples (batch 4: 10 steps), set 40
     c.self_improve.mix = "pool"  # public code: one shuffled real + synthetic pool; "fixed": paper's Eq. 7
+    c.self_improve.label_mode = "public"  # how theta_C labels the synthetic images. "public" (the public code, which
+    # produced the published numbers): theta_C's own backbone pass (own latent sample and noise), fusion with
+    # running statistics, the head's training forward (only uncertainty-sampled points refined); "eval": theta_C's
+    # head in test mode on theta_E's features, every pixel refined (the cleaner reading of the paper, deterministic,
+    # one backbone pass less per step)
+    c.self_improve.teacher = "ema"  # theta_C, the EMA of theta_E, labels online; "fixed": theta_W's labels stored by
+    # create, used once as ground truth, no EMA, theta_E saved (the paper's DA-Fusion-style baseline)
     c.self_improve.real_per_batch = 4  # mix = "fixed" only
     c.self_improve.synthetic_per_batch = 4
 

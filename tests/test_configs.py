@@ -41,11 +41,17 @@ def test_nyu_config_is_the_public_code_setting():
     # data creation (§1 stage 2): partial noise T = 600, 50 DDIM steps 589 ... 1, no CFG, one per image
     assert c.create.source == "partial" and c.create.T == 600 and c.create.num_steps == 50
     assert c.create.guidance_scale == 1.0 and c.create.eta == 0.0 and c.create.num_images == -1
+    assert c.create.use_captions  # creation is caption-conditioned; the perception path is not
+    assert not c.model.use_captions
     timesteps = ddim_timesteps(1000, c.create.num_steps, start_t=c.create.T)
     assert timesteps[0] == 589 and timesteps[-1] == 1 and len(set(timesteps[:-1] - timesteps[1:])) == 1
-    # self-improving (§1 stage 3): alpha 0.998, EMA every 40 samples, one shuffled real + synthetic pool
-    assert c.self_improve.ema_decay == 0.998 and c.self_improve.ema_every_samples == 40
+    # self-improving (§1 stage 3): alpha 0.998, one shuffled real + synthetic pool, theta_C (the EMA) labelling
+    # online as training_2nd_stage.py does. EMA every 80 samples: its `iteration % (ema_update_interval //
+    # batch_size)` has ema_update_interval=10 and `batch_size` reassigned to n_samples=1 before the loop, so
+    # every 10 iterations of the loader's batch 8 (the paper's 40 samples is an override)
+    assert c.self_improve.ema_decay == 0.998 and c.self_improve.ema_every_samples == 80
     assert c.self_improve.mix == "pool"
+    assert c.self_improve.teacher == "ema" and c.self_improve.label_mode == "public"
     # evaluation on the 654-image test split
     assert c.data.train_split == "train" and c.data.test_split == "test"
 

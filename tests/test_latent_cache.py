@@ -27,8 +27,7 @@ from d2i_jax.training.sharding import make_mesh
 from d2i_jax.training.state import TrainState
 from d2i_jax.training.steps import Steps, make_optimizer
 from tests import tiny_pipeline
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0}  # the tiny step compiles ~2x faster on CPU; same numbers
+from tests.tiny_pipeline import FAST_COMPILE
 
 
 class Unstated:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +12,13 @@ import optax
 import pytest
 
 from d2i_jax.data import keys
+from d2i_jax.perception.fusion import group_by_stride
 from d2i_jax.perception.generation import PairGenerator
 from d2i_jax.training.state import TrainState, ema_every_steps, update_ema
 from d2i_jax.training.steps import Steps, make_optimizer
 from tests import tiny_pipeline
+
+_fast_jit = functools.partial(jax.jit, compiler_options=tiny_pipeline.FAST_COMPILE)
 
 
 def test_ema_matches_closed_form_and_fires_every_n_steps():
@@ -105,10 +111,62 @@ def test_stochastic_ddim_pairs_do_not_depend_on_the_batch(tiny):
     images = jnp.asarray(tiny_pipeline.batch(3)[keys.IMAGE])
     context = jnp.zeros((3, *tiny_pipeline.CONTEXT[1:]))
     rngs = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(3))
-    run = jax.jit(lambda c, k, x: gen(frozen, params, stats, c, context[:1], k, x),
-                  compiler_options={"xla_backend_optimization_level": 0})  # faster to compile on CPU
+    run = _fast_jit(lambda c, k, x: gen(frozen, params, stats, c, context[:1], k, x))
     rgb, pred = run(context, rngs, images)
     for i in range(3):
         rgb_i, pred_i = run(context[i:i + 1], rngs[i:i + 1], images[i:i + 1])
         np.testing.assert_allclose(rgb_i[0], rgb[i], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(pred_i[0], pred[i], rtol=1e-4, atol=1e-4)
+
+
+def test_public_label_mode_is_theta_cs_own_sampled_pass(tiny):
+    perceiver, _, frozen, _, _ = tiny
+    state, public, _ = _state_and_steps(tiny)
+    eval_mode = dataclasses.replace(public, label_mode="eval")
+    assert public.label_mode == "public"  # the public code's labelling is the default
+    state = state.replace(ema_params=jax.tree.map(lambda p: p * 1.1, state.ema_params))  # theta_C != theta_E
+    batch = jax.tree.map(jnp.asarray, tiny_pipeline.batch(2, synthetic=True))
+    images, size = batch[keys.IMAGE], tiny_pipeline.IMAGE_SIZE
+    ctx, rng = jnp.zeros((2, *tiny_pipeline.CONTEXT[1:])), jax.random.key(3)
+    theta_e_feats = perceiver.block_outputs(state.params, frozen, images, ctx, jax.random.key(4))
+    # eager, as the computation by hand: the same ops give the same kappa ranking, hence the same sampled points
+    labels = public.labels(state, frozen, batch, ctx, rng, theta_e_feats)
+    # by hand: theta_C's own backbone draw, its fusion on running statistics, its head's sampled training forward
+    feat_rng, sample_rng = jax.random.split(rng)
+    own = perceiver.block_outputs(state.ema_params, frozen, images, ctx, feat_rng)
+    skips = perceiver.predictor.fusion.apply(
+        {"params": state.ema_params["head"]["fusion"], "batch_stats": state.ema_batch_stats["fusion"]},
+        group_by_stride(own, size), size, train=False)
+    by_hand = perceiver.predictor.head.apply({"params": state.ema_params["head"]["head"]}, skips, train=True,
+                                             sampling_key=sample_rng)
+    np.testing.assert_allclose(labels[keys.NORMAL][1], by_hand.maps[-1][1, ..., :3], rtol=1e-6, atol=1e-7)
+    assert labels[keys.MASK][1].all()  # every pixel of a generated image is a target
+    np.testing.assert_array_equal(labels[keys.NORMAL][0], batch[keys.NORMAL][0])  # real: ground truth
+    np.testing.assert_array_equal(labels[keys.MASK][0], batch[keys.MASK][0])
+    # "eval" mode: theta_C's test-mode head on theta_E's features, every pixel refined: other labels
+    evaluated = eval_mode.labels(state, frozen, batch, ctx, rng, theta_e_feats)
+    assert float(jnp.abs(evaluated[keys.NORMAL][1] - labels[keys.NORMAL][1]).max()) > 1e-3
+    # no gradient reaches theta_C through its labels (the public code forgets the stop-gradient)
+    for steps in (public, eval_mode):
+        grads = jax.grad(lambda ema, s=steps: jnp.sum(s.labels(
+            state.replace(ema_params=ema), frozen, batch, ctx, rng, theta_e_feats)[keys.NORMAL]))(state.ema_params)
+        assert all(not np.any(g) for g in jax.tree.leaves(grads))
+    with pytest.raises(ValueError, match="label_mode"):
+        dataclasses.replace(public, label_mode="train")
+
+
+def test_train_step_jits_in_both_label_modes_and_keeps_theta_c(tiny):
+    state, public, frozen = _state_and_steps(tiny)  # ema off: theta_C must come out as it went in
+    batch = jax.tree.map(jnp.asarray, tiny_pipeline.batch(2, synthetic=True))
+    ctx = jnp.zeros((2, *tiny_pipeline.CONTEXT[1:]))
+    losses = []
+    for steps in (public, dataclasses.replace(public, label_mode="eval")):
+        new, metrics = _fast_jit(steps.train_step)(state, frozen, batch, ctx)
+        assert metrics["skipped"] == 0.0 and np.isfinite(metrics["loss"])
+        losses.append(float(metrics["loss"]))
+        for a, b in zip(jax.tree.leaves((new.ema_params, new.ema_batch_stats)),
+                        jax.tree.leaves((state.ema_params, state.ema_batch_stats)), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(new.batch_stats),
+                                                  jax.tree.leaves(state.batch_stats), strict=True))  # theta_E's do
+    assert abs(losses[0] - losses[1]) > 1e-4

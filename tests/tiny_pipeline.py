@@ -19,6 +19,8 @@ UNET = {**TINY_UNET, "block_out_channels": [16, 16, 16, 16], "layers_per_block":
 VAE = {**TINY_VAE, "block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4}
 IMAGE_SIZE = (64, 64)
 CONTEXT = (1, 77, 16)
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # jax.jit compiler_options: the tiny step compiles ~2x faster
+# on CPU; same numbers
 
 
 def make(seed: int = 0, **head):

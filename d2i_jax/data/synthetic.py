@@ -17,16 +17,26 @@ from PIL import Image
 
 from d2i_jax.data import keys
 from d2i_jax.data.fingerprint import combined, digest
+from d2i_jax.data.nyu import decode_normals
 
 
 class SyntheticImages:
-    """Random-access examples from `<root>/img/NNNNNN.png` and `<root>/caption/NNNNNN.txt` (the create stage)."""
+    """Random-access examples from `<root>/img/NNNNNN.png` and `<root>/caption/NNNNNN.txt` (the create stage).
 
-    def __init__(self, root: str | Path, size: tuple[int, int] | None = None):
-        self.root, self.size = Path(root), size
+    With `labels`, each example carries theta_W's label that the create stage stored in `<root>/label/NNNNNN.png`
+    (NYUv2 normal PNG encoding) as its ground truth and no `SYNTHETIC` flag, so no one relabels it (the
+    DA-Fusion-style baseline, `self_improve.teacher = "fixed"`).
+    """
+
+    def __init__(self, root: str | Path, size: tuple[int, int] | None = None, *, labels: bool = False):
+        self.root, self.size, self.labels = Path(root), size, labels
         self.paths = sorted((self.root / "img").glob("*.png"))
         if not self.paths:
             raise FileNotFoundError(f"no generated images in {self.root / 'img'}; run the 'create' stage first")
+        missing = [p for p in map(self._label_path, self.paths) if not p.is_file()] if labels else []
+        if missing:  # fail now, not hours into training
+            raise FileNotFoundError(f"{len(missing)} stored labels missing, e.g. {missing[0]}; rerun the 'create' "
+                                    "stage (it writes label/NNNNNN.png beside each image)")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -38,30 +48,43 @@ class SyntheticImages:
         return self.root / "caption" / f"{self.paths[index].stem}.txt"
 
     def fingerprint(self) -> str:
-        """Digest of the size, the image and caption files (`d2i_jax.data.fingerprint`) and the content of create's
-        `manifest.jsonl` (what each image was generated with), when there is one."""
+        """Digest of the size, the image, caption (and stored label) files (`d2i_jax.data.fingerprint`) and create's
+        `manifest.jsonl` content (what each image was generated with), when there is one."""
         manifest = self.root / "manifest.jsonl"
         recorded = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
         captions = [self._caption_file(i) for i in range(len(self))]
-        return digest("SyntheticImages", self.size, recorded, files=[*self.paths, *captions])
+        labels = [self._label_path(p) for p in self.paths] if self.labels else []
+        return digest("SyntheticImages", self.size, self.labels, recorded, files=[*self.paths, *captions, *labels])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if self.size is not None and im.size != (self.size[1], self.size[0]):
-                    im = im.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
-                image = np.asarray(im, np.float32) / 127.5 - 1.0
-        except OSError as e:
-            raise OSError(f"cannot read generated image {path}: {e}") from e
+        image = _read_rgb(path, self.size, Image.Resampling.BILINEAR, "generated image").astype(np.float32)
+        image = image / 127.5 - 1.0
         caption_file = self._caption_file(index)
+        example = {keys.IMAGE: image, keys.ID: np.int32(index),
+                   keys.CAPTION: caption_file.read_text().strip() if caption_file.exists() else ""}
+        if self.labels:  # at the image's size, nearest, as `NyuNormals`
+            label = _read_rgb(self._label_path(path), image.shape[:2], Image.Resampling.NEAREST, "stored label")
+            normal, mask = decode_normals(label)
+            return {**example, keys.NORMAL: normal, keys.MASK: mask}
         h, w = image.shape[:2]
-        return {
-            keys.IMAGE: image, keys.NORMAL: np.zeros((h, w, 3), np.float32), keys.MASK: np.zeros((h, w), bool),
-            keys.ID: np.int32(index), keys.CAPTION: caption_file.read_text().strip() if caption_file.exists() else "",
-            keys.SYNTHETIC: np.bool_(True),
-        }
+        return {**example, keys.NORMAL: np.zeros((h, w, 3), np.float32), keys.MASK: np.zeros((h, w), bool),
+                keys.SYNTHETIC: np.bool_(True)}
+
+    def _label_path(self, image_path: Path) -> Path:
+        return self.root / "label" / image_path.name
+
+
+def _read_rgb(path: Path, size: tuple[int, int] | None, resample: Image.Resampling, what: str) -> np.ndarray:
+    """uint8 `[H, W, 3]` pixels of an image file, resized to `size` (H, W) unless None; errors name the file."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), resample)
+            return np.asarray(im)
+    except OSError as e:
+        raise OSError(f"cannot read {what} {path}: {e}") from e
 
 
 class Flagged:

@@ -24,9 +24,12 @@ class DensePredictor(nn.Module):
     head: nn.Module
 
     def __call__(self, block_outputs: list[jax.Array], image_size: tuple[int, int], *, train: bool,
-                 **head_kwargs: Any) -> Any:
+                 sample: bool | None = None, **head_kwargs: Any) -> Any:
+        """`train`: the fusion's training mode (BatchNorm batch statistics, spectral-norm power iteration).
+        `sample` (default `train`): the head's training-time forward (`head(..., train=sample)`, e.g. the normal
+        head's uncertainty-guided sampled refinement, with `head_kwargs`); the heads hold no BatchNorm."""
         skips = self.fusion(group_by_stride(block_outputs, image_size), image_size, train=train)
-        return self.head(skips, train=train, **head_kwargs)
+        return self.head(skips, train=train if sample is None else sample, **head_kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +49,19 @@ class Perceiver:
         return feats.block_outputs()
 
     def head(self, params: Any, batch_stats: Any, block_outputs: list[jax.Array], image_size: tuple[int, int], *,
-             train: bool, **head_kwargs: Any) -> tuple[Any, Any]:
-        """Fusion + head; returns (outputs, updated batch_stats) (unchanged when not training)."""
+             train: bool, sample: bool | None = None, **head_kwargs: Any) -> tuple[Any, Any]:
+        """Fusion + head; returns (outputs, updated batch_stats).
+
+        `train` updates the normalisation state (batch statistics, spectral-norm vectors); without it the running
+        statistics are used and `batch_stats` comes back unchanged. `sample` (default `train`) selects the head's
+        training-time forward (`DensePredictor`): `train=False, sample=True` is the public code's theta_C labelling
+        (fusion in eval mode, decoder in `mode='train'`).
+        """
         variables = {"params": params["head"], "batch_stats": batch_stats}
         if not train:
-            return self.predictor.apply(variables, block_outputs, image_size, train=False), batch_stats
-        out, updates = self.predictor.apply(variables, block_outputs, image_size, train=True,
+            return self.predictor.apply(variables, block_outputs, image_size, train=False, sample=sample,
+                                        **head_kwargs), batch_stats
+        out, updates = self.predictor.apply(variables, block_outputs, image_size, train=True, sample=sample,
                                             mutable=["batch_stats"], **head_kwargs)
         return out, updates["batch_stats"]
 

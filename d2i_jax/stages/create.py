@@ -2,9 +2,11 @@
 
 Each real image's latent is noised to `create.T` (600) and denoised with DDIM (the public code's 50-step list
 589, ..., 13, 1), conditioned on its caption; `create.source = "noise"` starts from pure Gaussian noise instead
-(the GNA baseline). theta_W labels each image from the last step's UNet features. Written to `workdir/create/`:
-`img/NNNNNN.png` (the synthetic RGB), `caption/NNNNNN.txt`, `label/NNNNNN.png` (theta_W's label, for inspection),
-`manifest.jsonl` (source id, seed, T, steps, guidance) and `samples.png`; a rerun skips what exists.
+(the GNA baseline); `create.use_captions = False` conditions on the empty prompt instead of the caption (the paper's
+"no caption" ablation, Table A). theta_W labels each image from the last step's UNet features. Written to
+`workdir/create/`: `img/NNNNNN.png` (the synthetic RGB), `caption/NNNNNN.txt` (its source image's caption),
+`label/NNNNNN.png` (theta_W's label: for inspection, and the ground truth of `self_improve.teacher = "fixed"`),
+`manifest.jsonl` (source id, seed, T, steps, guidance, use_captions) and `samples.png`; a rerun skips what exists.
 On several processes each feeds its rows of every batch; process 0 writes the results into the shared workdir.
 Every file is written under a temporary name and renamed, so a run killed mid-write never leaves a partial image
 that a rerun would take as done.
@@ -42,6 +44,15 @@ def generator(r: Run, cfg) -> PairGenerator:
                          eta=cfg.eta)
 
 
+def contexts(r: Run, captions: list[str]) -> np.ndarray:
+    """`[len(captions), 77, width]` text contexts of the generator: the captions' embeddings (public code and
+    paper), or with `create.use_captions = False` the empty prompt's for every image."""
+    if r.config.create.use_captions:
+        return np.asarray(r.embed(captions))
+    empty = np.asarray(r.prompt_embedding(""))
+    return np.broadcast_to(empty, (len(captions), *empty.shape[1:]))
+
+
 def run(r: Run) -> None:
     cfg = r.config.create
     out = r.stage_dir("create")
@@ -52,7 +63,8 @@ def run(r: Run) -> None:
     missing = np.asarray([not (out / "img" / f"{i:06d}.png").exists() for i in range(count)])
     todo = np.flatnonzero(multihost_utils.broadcast_one_to_all(missing)).tolist()  # process 0's view for all
     print(f"[create] {count} images ({count - len(todo)} already there), source={cfg.source}, T={cfg.T}, "
-          f"{cfg.num_steps} DDIM steps, guidance {cfg.guidance_scale}")
+          f"{cfg.num_steps} DDIM steps, guidance {cfg.guidance_scale}, "
+          f"{'caption' if cfg.use_captions else 'empty prompt'} conditioning")
     if not todo:
         return
     params, batch_stats = r.shard(r.load_model("warmup"))
@@ -76,7 +88,7 @@ def run(r: Run) -> None:
         examples = [source[i] for i in padded]  # every process reads the whole batch and feeds its own rows
         captions = [e[keys.CAPTION] for e in examples]
         batch = scatter_batch({keys.IMAGE: np.stack([e[keys.IMAGE] for e in examples]),
-                               keys.ID: np.asarray(padded, np.int32), "context": np.asarray(r.embed(captions))},
+                               keys.ID: np.asarray(padded, np.int32), "context": contexts(r, captions)},
                               r.mesh)
         rgb, pred = gather(synthesize(r.frozen, params, batch_stats, batch["context"], batch[keys.ID],
                                       batch[keys.IMAGE]))
@@ -90,7 +102,8 @@ def run(r: Run) -> None:
             manifest.write(json.dumps({"id": i, "source_id": i, "seed": cfg.seed, "source": cfg.source,
                                        "T": cfg.T if cfg.source == "partial" else None,
                                        "steps": cfg.num_steps, "timesteps": [int(t) for t in gen.timesteps],
-                                       "guidance": cfg.guidance_scale, "caption": captions[k]}) + "\n")
+                                       "guidance": cfg.guidance_scale, "use_captions": cfg.use_captions,
+                                       "caption": captions[k]}) + "\n")
             if len(grid) < 4:
                 grid.append([viz.image_to_uint8(examples[k][keys.IMAGE]), viz.image_to_uint8(rgb[k]),
                              *r.task.pictures(pred[k]).values()])

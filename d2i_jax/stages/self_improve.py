@@ -1,12 +1,17 @@
 """Stage `self_improve`: theta_E learns from real + synthetic data labelled online by theta_C, its EMA.
 
-Both start from theta_W. Every step theta_C labels the synthetic images of the batch under stop-gradient; theta_C
-follows theta_E by EMA (alpha, every `ema_every_samples` samples). Only theta_C is kept (REFERENCE §1 stage 3).
+Both start from theta_W. Every step theta_C labels the synthetic images of the batch under stop-gradient
+(`self_improve.label_mode`, see `d2i_jax.training.steps`); theta_C follows theta_E by EMA (alpha, every
+`ema_every_samples` samples). Only theta_C is kept (REFERENCE §1 stage 3).
+
+`self_improve.teacher = "fixed"` is the paper's DA-Fusion-style baseline instead: the synthetic images keep the
+labels theta_W gave them once in the create stage (`create/label/`) as ground truth; no online labelling, no EMA,
+and theta_E is the model saved.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 
@@ -19,14 +24,39 @@ from d2i_jax.training.steps import Steps
 if TYPE_CHECKING:
     from d2i_jax.runner import Run
 
+TEACHERS = ("ema", "fixed")
+
+
+def sources(r: Run, teacher: str) -> tuple[Any, Any]:
+    """(real, synthetic) sources. teacher "ema": synthetic images flagged for theta_C's online labels (real ones
+    flagged False, so batches mix); "fixed": the stored theta_W labels as ground truth, nothing flagged."""
+    real = r.source(r.config.data.train_split)
+    fixed = teacher == "fixed"
+    synthetic = SyntheticImages(r.workdir / "create", size=tuple(r.config.data.image_size), labels=fixed)
+    return (real if fixed else Flagged(real, flag=False)), synthetic
+
+
+def steps_for(r: Run, tx: Any) -> Steps:
+    """The stage's steps for `self_improve.teacher`: theta_C's online labels and EMA, or plain supervised steps."""
+    cfg = r.config.self_improve
+    if cfg.teacher not in TEACHERS:
+        raise ValueError(f"self_improve.teacher must be one of {TEACHERS}, got {cfg.teacher!r}")
+    if cfg.teacher == "fixed":
+        print("[self_improve] teacher=fixed (DA-Fusion-style): theta_W's stored labels of the synthetic images as "
+              "ground truth, no theta_C, no EMA; theta_E is saved as the model")
+        return Steps(r.perceiver, r.task, tx)
+    every = ema_every_steps(cfg.ema_every_samples, r.config.train.batch_size)
+    print(f"[self_improve] theta_C labels ({cfg.label_mode} mode), EMA alpha={cfg.ema_decay} every {every} steps")
+    return Steps(r.perceiver, r.task, tx, ema_decay=cfg.ema_decay, ema_every=every, label_mode=cfg.label_mode)
+
 
 def run(r: Run) -> None:
     cfg = r.config.self_improve
     tx = optimizer(r)
+    steps = steps_for(r, tx)
+    real, synthetic = sources(r, cfg.teacher)
     params, batch_stats = r.load_model("warmup")
     state = r.train_state(params, batch_stats, tx, seed_offset=2)
-    real = Flagged(r.source(r.config.data.train_split), flag=False)
-    synthetic = SyntheticImages(r.workdir / "create", size=tuple(r.config.data.image_size))
     # cached per source, before mixing: every example of the mix then carries its moments
     real, synthetic = with_cached_latents(r, "self_improve", {"real": real, "synthetic": synthetic}).values()
     batch = r.config.train.batch_size
@@ -40,9 +70,9 @@ def run(r: Run) -> None:
         shuffle, epochs = False, 1  # the mix spans all epochs
     else:
         raise ValueError(f"self_improve.mix must be 'pool' or 'fixed', got {cfg.mix!r}")
-    every = ema_every_steps(cfg.ema_every_samples, batch)
-    print(f"[self_improve] {len(real)} real + {len(synthetic)} synthetic images ({cfg.mix}), {cfg.epochs} epochs, "
-          f"EMA alpha={cfg.ema_decay} every {every} steps")
-    steps = Steps(r.perceiver, r.task, tx, ema_decay=cfg.ema_decay, ema_every=every)
+    print(f"[self_improve] {len(real)} real + {len(synthetic)} synthetic images ({cfg.mix}), {cfg.epochs} epochs")
     state = fit(r, "self_improve", steps, state, source, epochs=epochs, shuffle=shuffle)
-    r.save_model("self_improve", state.ema_params, state.ema_batch_stats)
+    if cfg.teacher == "fixed":
+        r.save_model("self_improve", state.params, state.batch_stats)
+    else:
+        r.save_model("self_improve", state.ema_params, state.ema_batch_stats)

@@ -43,6 +43,12 @@ class NormalsTask:
         """Training-time head arguments: GT validity (excluded from importance sampling) and the sampling key."""
         return {"gt_mask": labels[keys.MASK], "sampling_key": rng}
 
+    @staticmethod
+    def unlabelled_head_kwargs(rng: jax.Array) -> dict[str, Any]:
+        """Training-time head arguments for a generated image (theta_C's sampled labelling): every pixel valid,
+        as the mask of the public code's generated images."""
+        return {"sampling_key": rng}
+
     def loss_fn(self, outputs: NormalHeadOutput, labels: Mapping[str, jax.Array]) -> jax.Array:
         """Bae's training loss: an uncertainty-guided one on every level (`normal_training_loss`), `angular` and
         `l2` on the final full-resolution map only (the upsampled map with the sampled points replaced)."""

@@ -3,6 +3,15 @@
 Synthetic examples (`batch["synthetic"]`) are labelled online, every step, by theta_C (the EMA params) under
 `stop_gradient`; real examples keep their ground truth. A step whose loss or gradient is not finite leaves
 params, norm statistics and optimiser state untouched and reports `skipped = 1`.
+
+theta_C labels in one of `LABEL_MODES`:
+- "public" (`training_2nd_stage.py`): theta_C runs its own backbone pass (its own posterior sample and q_sample
+  noise), its fusion in eval mode (running statistics) and its head's *training* forward (`sample=True`: the 1/8
+  prediction upsampled, only the uncertainty-sampled points refined at each level; every pixel valid); the label
+  is the full-resolution map.
+- "eval": theta_C's fusion and head in test mode (every pixel refined) on theta_E's features (its own features
+  only when the UNet is trained); a deterministic reading of the paper's "theta_C predicts the label".
+Neither mode changes theta_C's normalisation state.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from d2i_jax.perception.model import Perceiver
 from d2i_jax.training.state import TrainState, update_ema
 
 Batch = dict[str, jax.Array]
+LABEL_MODES = ("public", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +41,7 @@ class Steps:
       tx: the optax optimiser of theta_E.
       ema_decay: alpha of theta_C <- alpha * theta_C + (1 - alpha) * theta_E.
       ema_every: steps between EMA updates; 0 disables the EMA (warm-up).
+      label_mode: how theta_C labels the synthetic examples, one of `LABEL_MODES` (see the module docstring).
     """
 
     perceiver: Perceiver
@@ -38,17 +49,28 @@ class Steps:
     tx: optax.GradientTransformation
     ema_decay: float = 0.998
     ema_every: int = 0
+    label_mode: str = "public"
 
-    def _labels(self, state: TrainState, frozen: Any, batch: Batch, feats: list[jax.Array] | None,
-                context: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
+    def __post_init__(self) -> None:
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
+
+    def labels(self, state: TrainState, frozen: Any, batch: Batch, context: jax.Array, rng: jax.Array,
+               feats: list[jax.Array] | None = None) -> dict[str, jax.Array]:
+        """The batch's targets: ground truth for real examples, theta_C's labels (`label_mode`, stop-gradient)
+        for the synthetic ones. `feats`: theta_E's block outputs, which theta_C reuses in "eval" mode (None: theta_C
+        runs its own backbone pass); `rng` draws theta_C's own features and sampled points."""
         labels = {k: batch[k] for k in self.task.label_keys}
         if keys.SYNTHETIC not in batch:
             return labels
-        if feats is None:  # trainable UNet: theta_C has its own
-            feats = self.perceiver.block_outputs(state.ema_params, frozen, batch[keys.IMAGE], context, rng,
+        feat_rng, sample_rng = jax.random.split(rng)
+        public = self.label_mode == "public"
+        if feats is None or public:
+            feats = self.perceiver.block_outputs(state.ema_params, frozen, batch[keys.IMAGE], context, feat_rng,
                                                  batch.get(keys.MOMENTS))
         out, _ = self.perceiver.head(state.ema_params, state.ema_batch_stats, feats, batch[keys.IMAGE].shape[1:3],
-                                     train=False)
+                                     train=False, sample=public,
+                                     **(self.task.unlabelled_head_kwargs(sample_rng) if public else {}))
         pseudo = self.task.pseudo_labels(self.task.prediction(out))
         syn = batch[keys.SYNTHETIC]
 
@@ -67,7 +89,7 @@ class Steps:
         trainable_unet = self.perceiver.train_unet
         feats = None if trainable_unet else self.perceiver.block_outputs(state.params, frozen, images, context,
                                                                          feat_rng, moments)
-        labels = self._labels(state, frozen, batch, feats, context, label_rng)
+        labels = self.labels(state, frozen, batch, context, label_rng, feats)
 
         def loss_fn(params: Any) -> tuple[jax.Array, Any]:
             f = (self.perceiver.block_outputs(params, frozen, images, context, feat_rng, moments) if trainable_unet

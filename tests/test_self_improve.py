@@ -1,0 +1,113 @@
+"""Stage switches around the self-improving loop: `create.use_captions`, `self_improve.teacher = "fixed"`.
+
+Stage-level on a tiny random SD, with the expensive parts (DDIM generation, the training loop) replaced by
+recording stand-ins: what is checked is what each stage feeds them and what it saves.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from d2i_jax import runner
+from d2i_jax.data import keys
+from d2i_jax.data.synthetic import SyntheticImages
+from d2i_jax.models.random_sd import write_random_sd
+from d2i_jax.stages import create, self_improve
+
+UP = np.array([0.0, 0.0, 1.0], np.float32)  # the stand-in generator's label everywhere
+
+
+class RecordingGenerator:
+    """Returns the input images and an all-UP label; records the text context it is given."""
+
+    timesteps = np.array([1])
+
+    def __init__(self):
+        self.contexts = []
+
+    def __call__(self, frozen, params, batch_stats, context, uncond, rngs, images, latent_shape):
+        jax.debug.callback(lambda c: self.contexts.append(np.asarray(c)), context)
+        label = jnp.broadcast_to(jnp.append(jnp.asarray(UP), 1.0), (*images.shape[:3], 4))
+        return images, label
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    c = demo.get_config()
+    c.sd_path = str(write_random_sd(tmp_path_factory.mktemp("sd")))
+    c.data.image_size = (64, 64)
+    c.data.scenes.num_train, c.data.scenes.num_test, c.data.scenes.size = 4, 1, (48, 64)
+    c.train.batch_size = c.create.batch_size = 4
+    c.model.cache_latents = False
+    r = runner.Run(c, tmp_path_factory.mktemp("run"))
+    r.save_model("warmup", *r.init_model())
+    return r
+
+
+@pytest.fixture(scope="module")
+def created(run):
+    """The create stage without captions, through the stand-in generator."""
+    gen = RecordingGenerator()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(create, "generator", lambda r, cfg: gen)
+        run.config.create.use_captions = False
+        try:
+            create.run(run)
+        finally:
+            run.config.create.use_captions = True
+    jax.effects_barrier()
+    return gen
+
+
+def test_create_without_captions_conditions_on_the_empty_prompt(run, created):
+    captions = [run.source("train")[i][keys.CAPTION] for i in range(4)]
+    assert all(captions)  # the scenes have captions: the generator must not see them
+    empty = np.asarray(run.prompt_embedding(""))
+    assert len(created.contexts) == 1 and created.contexts[0].shape == (4, *empty.shape[1:])
+    np.testing.assert_array_equal(created.contexts[0], np.broadcast_to(empty, created.contexts[0].shape))
+    manifest = [json.loads(x) for x in (run.workdir / "create" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["use_captions"] for m in manifest] == [False] * 4
+    assert [m["caption"] for m in manifest] == captions  # still written beside each image
+    np.testing.assert_allclose(create.contexts(run, captions), np.asarray(run.embed(captions)), rtol=1e-6)
+
+
+def test_fixed_teacher_trains_on_stored_labels_and_saves_theta_e(run, created, monkeypatch):
+    seen = {}
+
+    def recording_fit(r, stage, steps, state, source, *, epochs, shuffle):
+        seen.update(steps=steps, source=source)
+        return state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))  # theta_E != theta_C
+
+    monkeypatch.setattr(self_improve, "fit", recording_fit)
+    monkeypatch.setattr(run.config.self_improve, "teacher", "fixed")
+    self_improve.run(run)
+    assert seen["steps"].ema_every == 0
+    examples = [seen["source"][i] for i in range(len(seen["source"]))]
+    assert len(examples) == 8 and not any(keys.SYNTHETIC in e for e in examples)  # nobody relabels them
+    for e in examples[4:]:  # the synthetic half: theta_W's stored labels are its ground truth
+        assert e[keys.MASK].all()
+        np.testing.assert_allclose(e[keys.NORMAL], np.broadcast_to(UP, e[keys.NORMAL].shape), atol=1e-2)
+    warm, saved = run.load_model("warmup"), run.load_model("self_improve")
+    for w, s in zip(jax.tree.leaves(warm[0]), jax.tree.leaves(saved[0]), strict=True):
+        np.testing.assert_allclose(s, w + 1.0, rtol=1e-6)  # theta_E, not its (unchanged) EMA
+
+
+def test_teacher_switch_is_checked_and_missing_labels_are_named(run, created, monkeypatch):
+    flagged = self_improve.sources(run, "ema")[1]
+    assert flagged[0][keys.SYNTHETIC] and not flagged[0][keys.MASK].any()  # theta_C labels these online
+    monkeypatch.setattr(run.config.self_improve, "teacher", "teacher")
+    with pytest.raises(ValueError, match="'teacher'"):
+        self_improve.run(run)
+    label = run.workdir / "create" / "label" / "000002.png"
+    label.rename(label.with_suffix(".bak"))
+    try:
+        with pytest.raises(FileNotFoundError, match=r"label/000002\.png"):
+            SyntheticImages(run.workdir / "create", labels=True)
+    finally:
+        label.with_suffix(".bak").rename(label)
