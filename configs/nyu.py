@@ -60,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.train_split = "train"  # 795 images
     c.data.test_split = "test"  # 654 images
     c.data.image_size = (512, 512)
+    c.data.resize = "public"  # the public loader (cv2.resize): bilinear without antialiasing for image and normal
+    # map, mask kept where the resized mask stays 1; "pil": antialiased image, nearest normals and mask
     c.data.fallback_caption = ""  # for images without caption/NNNNNN.txt
     c.data.num_workers = 0
     c.data.augment = ml_collections.ConfigDict()

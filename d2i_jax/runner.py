@@ -207,7 +207,7 @@ class Run:
     def source(self, split: str, *, native_size: bool = False) -> NyuNormals:
         """The NYUv2-layout split at the training resolution (or as stored, for evaluation)."""
         cfg = self.config.data
-        return NyuNormals(self.data_root, split, size=None if native_size else tuple(cfg.image_size),
+        return NyuNormals(self.data_root, split, size=None if native_size else tuple(cfg.image_size), resize=cfg.resize,
                           fallback_caption=cfg.fallback_caption)
 
     def augmentation(self) -> Any:

@@ -26,6 +26,7 @@ def test_nyu_config_is_the_public_code_setting():
     assert c.fusion.reduce_channels == (2048, 176, 64, 64) and c.fusion.deconv_channels == (40, 24)
     assert c.fusion.target_strides == (32, 16, 8, 8) and c.fusion.param_init == c.task.head.param_init == "pytorch"
     assert c.task.head.ws_epsilon == 1e-10  # public ldm/models/submodules.py Conv2d
+    assert c.data.resize == "public"  # public ldm/data/nyu.py: cv2.resize of image, normals and mask (mask == 1)
     assert c.evaluate.protocol == "public"  # public test.py + evaluation.py (8-bit PNG, cv2 resize, 180 / 3.14)
     # head and loss (§1.2)
     assert c.task.name == "normals" and c.task.loss == "ug_angmf"

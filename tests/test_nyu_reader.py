@@ -7,6 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from d2i_jax.data import keys, scenes
@@ -128,3 +130,25 @@ def test_normal_png_with_wrong_mode_is_named(copy):
     Image.new("L", (SIZE[1], SIZE[0])).save(copy / "test" / "norm" / "000000.png")
     with pytest.raises(DatasetFileError, match=r"test/norm/000000\.png.*mode L"):
         NyuNormals(copy, "test")[0]
+
+
+@pytest.mark.parametrize("size", [(12, 20), (40, 56)])
+def test_public_resize_is_bilinear_without_antialiasing(root, size):
+    """`resize="public"` (the public loader's cv2.resize INTER_LINEAR) against torch's bilinear resize without
+    antialiasing: image and normal map resized alike, the mask kept where the resized mask stays 1."""
+    def ref(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x.astype(np.float64)).permute(2, 0, 1)[None]
+        return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+
+    source = NyuNormals(root, "train", size=size, resize="public")
+    ex, record = source[1], source.records[1]
+    rgb = np.asarray(Image.open(record.image).convert("RGB"), np.float64)
+    norm = np.asarray(Image.open(record.normal), np.float64)
+    np.testing.assert_allclose(ex[keys.IMAGE], ref(rgb) / 127.5 - 1, atol=1e-5)
+    mask = ref(np.any(norm != 0, axis=-1, keepdims=True).astype(np.float64))[..., 0] > 1 - 1e-6
+    np.testing.assert_array_equal(ex[keys.MASK], mask)
+    assert 0 < mask.sum() < mask.size  # the fixture has invalid normals next to valid ones
+    np.testing.assert_allclose(ex[keys.NORMAL], np.where(mask[..., None], ref(norm / 255 * 2 - 1), 0), atol=1e-6)
+    assert source.fingerprint() != NyuNormals(root, "train", size=size).fingerprint()
+    with pytest.raises(ValueError, match="resize must be one of"):
+        NyuNormals(root, "train", resize="cv2")

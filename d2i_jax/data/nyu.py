@@ -89,6 +89,24 @@ def _resize(im: Image.Image, size: tuple[int, int] | None, resample: Image.Resam
     return im.resize((size[1], size[0]), resample)
 
 
+RESIZES = ("pil", "public")
+
+
+def resize_linear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of `[H, W, ...]` to `size` without antialiasing, as `cv2.resize(INTER_LINEAR)` (the public
+    code's loader): source position (i + 0.5) * in / out - 0.5, clamped at the borders. Two gathers per axis, so it
+    costs milliseconds in a loader worker (PIL's bilinear antialiases when shrinking; cv2 is no dependency here)."""
+    for axis, n_out in enumerate(size):
+        n_in = x.shape[axis]
+        if n_in == n_out:
+            continue
+        pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(np.int64)
+        t = (pos - lo).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+        x = np.take(x, lo, axis) * (1 - t) + np.take(x, np.minimum(lo + 1, n_in - 1), axis) * t
+    return x
+
+
 def decode_normals(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [H, W, 3] PNG pixels -> (unit normals float32, zero where invalid; valid mask = pixel not (0, 0, 0))."""
     mask = np.any(rgb != 0, axis=-1)
@@ -151,8 +169,12 @@ class NyuNormals:
     Args:
       root: dataset folder (holding `train/`, `test/` and optionally `train.txt`, `test.txt`).
       split: "train" or "test" (any folder name works).
-      size: (H, W) to resize to (image bilinear, antialiased when shrinking; normals, mask, depth and semseg
-        nearest, normals renormalised); None keeps the size on disk.
+      size: (H, W) to resize to; None keeps the size on disk.
+      resize: how image, normals and mask are resized (`RESIZES`). "pil": image bilinear, antialiased when
+        shrinking, normals and mask nearest (normals renormalised); "public": as the public code's loader, image and
+        normal map bilinear without antialiasing (`resize_linear`; the normals are not renormalised), the mask
+        resized the same way and kept where it stays 1 (to 1e-6: pixels next to invalid ones drop out). Depth and
+        semseg: nearest in both.
       fallback_caption: caption of examples without `caption/NNNNNN.txt` (the public code's empty prompt is "").
       extra_keys: any of "depth", "semseg" to read `depth/NNNNNN.npy` / `semseg/NNNNNN.png` as well.
       augment: augmentation applied in `__getitem__`, seeded by (seed, index) so every read of an index gives the
@@ -164,13 +186,16 @@ class NyuNormals:
     def __init__(
         self, root: str | Path, split: str = "train", *, size: tuple[int, int] | None = None,
         fallback_caption: str = "", extra_keys: Sequence[str] = (), augment: Augment | None = None, seed: int = 0,
+        resize: str = "pil",
     ):
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
         unknown = set(extra_keys) - set(EXTRA_KEYS)
         if unknown:
             raise ValueError(f"unknown extra keys {sorted(unknown)}; choose from {EXTRA_KEYS}")
         self.root, self.split, self.size = Path(root), split, size
         self.fallback_caption, self.extra_keys = fallback_caption, tuple(extra_keys)
-        self.augment, self.seed = augment, seed
+        self.augment, self.seed, self.resize = augment, seed, resize
         self.records = list_examples(self.root, split)
         if not self.records:
             raise FileNotFoundError(f"no examples for split {split!r} under {self.root}")
@@ -189,8 +214,8 @@ class NyuNormals:
         """Digest of the settings and of every file the examples are read from (`d2i_jax.data.fingerprint`)."""
         files = [path for r in self.records for path in (
             r.image, r.normal, r.sibling("caption", ".txt"), *(r.sibling(*EXTRA_FILES[k]) for k in self.extra_keys))]
-        return digest("NyuNormals", self.size, self.fallback_caption, self.extra_keys, self.augment, self.seed,
-                      files=files)
+        return digest("NyuNormals", self.size, self.resize, self.fallback_caption, self.extra_keys, self.augment,
+                      self.seed, files=files)
 
     def caption(self, index: int) -> str:
         """The caption file's text (stripped), or `fallback_caption` if the example has none."""
@@ -205,8 +230,15 @@ class NyuNormals:
         if img.size != norm.size:
             raise DatasetFileError(f"image {r.image} is {img.size[0]}x{img.size[1]} but normal {r.normal} is "
                                    f"{norm.size[0]}x{norm.size[1]}")
-        image = np.asarray(_resize(img.convert("RGB"), self.size, Image.Resampling.BILINEAR), np.float32)
-        normal, mask = decode_normals(np.asarray(_resize(norm, self.size, Image.Resampling.NEAREST)))
+        if self.resize == "public" and self.size is not None:
+            image = resize_linear(np.asarray(img.convert("RGB"), np.float32), self.size).astype(np.float32)
+            rgb = np.asarray(norm)
+            mask = resize_linear(np.any(rgb != 0, axis=-1)[..., None].astype(np.float64), self.size)[..., 0] > 1 - 1e-6
+            normal = resize_linear(rgb.astype(np.float64) / 255.0 * 2.0 - 1.0, self.size)
+            normal = np.where(mask[..., None], normal, 0.0).astype(np.float32)
+        else:
+            image = np.asarray(_resize(img.convert("RGB"), self.size, Image.Resampling.BILINEAR), np.float32)
+            normal, mask = decode_normals(np.asarray(_resize(norm, self.size, Image.Resampling.NEAREST)))
         ex: dict[str, Any] = {
             keys.IMAGE: image / 127.5 - 1.0, keys.NORMAL: normal, keys.MASK: mask,
             keys.ID: np.int32(index), keys.CAPTION: self.caption(index),
