@@ -175,18 +175,16 @@ class Run:
         return tree["params"], tree["batch_stats"]
 
     def model_template(self) -> dict[str, Any]:
-        """`{"params", "batch_stats"}` of the configured model as shapes (nothing computed)."""
-        init = self._initializer()  # built outside the trace: the lazily built parts are cached on `self`
-        return jax.eval_shape(lambda: dict(zip(("params", "batch_stats"), init(), strict=True)))
+        """`{"params", "batch_stats"}` of the configured model as shapes (nothing compiled or computed)."""
+        params, batch_stats = self.perceiver.init_shapes(*self._init_args())
+        return {"params": params, "batch_stats": batch_stats}
 
     def init_model(self) -> tuple[Any, Any]:
         """Untrained (params, batch_stats) for `config.data.image_size` inputs."""
-        return self._initializer()()
+        return self.perceiver.init(jax.random.key(self.config.seed), *self._init_args())
 
-    def _initializer(self) -> Any:
-        perceiver, frozen, context = self.perceiver, self.frozen, jnp.asarray(self.contexts([""]))
-        key, size = jax.random.key(self.config.seed), tuple(self.config.data.image_size)
-        return lambda: perceiver.init(key, frozen, size, context)
+    def _init_args(self) -> tuple[Any, tuple[int, int], jax.Array]:
+        return self.frozen, tuple(self.config.data.image_size), jnp.asarray(self.contexts([""]))
 
     # ------------------------------------------------------------------------------------------ data
 

@@ -65,17 +65,33 @@ class Perceiver:
                                             mutable=["batch_stats"], **head_kwargs)
         return out, updates["batch_stats"]
 
-    def init(self, rng: jax.Array, frozen: Any, image_size: tuple[int, int], context: jax.Array) -> tuple[Any, Any]:
-        """(params, batch_stats) for a model taking `image_size` images; the UNet copied in when trainable."""
+    def _variables_fn(self, frozen: Any, image_size: tuple[int, int], context: jax.Array) -> Any:
+        """`rng -> (params, batch_stats)` of fusion + head (plus the UNet when trainable) for `image_size` images."""
         images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
         shapes = jax.eval_shape(
             lambda x: self.block_outputs({"unet": frozen["unet"]}, frozen, x, context, jax.random.key(0)), images)
         feats = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+
+        def variables(rng: jax.Array) -> tuple[Any, Any]:
+            v = self.predictor.init(rng, feats, image_size, train=False)
+            return {"head": v["params"]}, v.get("batch_stats", {})
+
+        return variables
+
+    def init(self, rng: jax.Array, frozen: Any, image_size: tuple[int, int], context: jax.Array) -> tuple[Any, Any]:
+        """(params, batch_stats) for a model taking `image_size` images; the UNet copied in when trainable. Call it
+        outside any trace (`init_shapes` gives the shapes)."""
         # runs once: on CPUs XLA's backend optimisations only slow the (PRNG-heavy) compile down, ~4x
         fast_compile = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-        variables = jax.jit(lambda r: self.predictor.init(r, feats, image_size, train=False),
-                            compiler_options=fast_compile)(rng)
-        params = {"head": variables["params"]}
+        params, batch_stats = jax.jit(self._variables_fn(frozen, image_size, context),
+                                      compiler_options=fast_compile)(rng)
         if self.train_unet:
             params["unet"] = frozen["unet"]
-        return params, variables.get("batch_stats", {})
+        return params, batch_stats
+
+    def init_shapes(self, frozen: Any, image_size: tuple[int, int], context: jax.Array) -> tuple[Any, Any]:
+        """`init`'s (params, batch_stats) as `jax.ShapeDtypeStruct`s: nothing compiled or computed."""
+        params, batch_stats = jax.eval_shape(self._variables_fn(frozen, image_size, context), jax.random.key(0))
+        if self.train_unet:
+            params["unet"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen["unet"])
+        return params, batch_stats
