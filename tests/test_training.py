@@ -104,6 +104,7 @@ def test_synthetic_examples_are_labelled_by_theta_c(tiny):
         np.testing.assert_allclose(c, 0.5 * old + 0.5 * e, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # minutes on a 2-core CPU (compiles paired generation twice): run with `pytest -m slow`
 def test_stochastic_ddim_pairs_do_not_depend_on_the_batch(tiny):
     """Paired generation: with eta > 0 an image's pair depends on its own key only, not on its batch."""
     perceiver, task, frozen, params, stats = tiny
@@ -119,6 +120,7 @@ def test_stochastic_ddim_pairs_do_not_depend_on_the_batch(tiny):
         np.testing.assert_allclose(pred_i[0], pred[i], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # minutes on a 2-core CPU (eager UNet and head passes): run with `pytest -m slow`
 def test_public_label_mode_is_theta_cs_own_sampled_pass(tiny):
     perceiver, _, frozen, _, _ = tiny
     state, public, _ = _state_and_steps(tiny)
@@ -155,6 +157,7 @@ def test_public_label_mode_is_theta_cs_own_sampled_pass(tiny):
         dataclasses.replace(public, label_mode="train")
 
 
+@pytest.mark.slow  # minutes on a 2-core CPU (compiles the train step twice): run with `pytest -m slow`
 def test_train_step_jits_in_both_label_modes_and_keeps_theta_c(tiny):
     state, public, frozen = _state_and_steps(tiny)  # ema off: theta_C must come out as it went in
     batch = jax.tree.map(jnp.asarray, tiny_pipeline.batch(2, synthetic=True))
