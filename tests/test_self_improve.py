@@ -85,8 +85,11 @@ def test_fixed_teacher_trains_on_stored_labels_and_saves_theta_e(run, created, m
         return state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))  # theta_E != theta_C
 
     monkeypatch.setattr(self_improve, "fit", recording_fit)
-    monkeypatch.setattr(run.config.self_improve, "teacher", "fixed")
-    self_improve.run(run)
+    run.config.self_improve.teacher = "fixed"  # set and reset by hand: monkeypatch's undo can delete ConfigDict keys
+    try:
+        self_improve.run(run)
+    finally:
+        run.config.self_improve.teacher = "ema"
     assert seen["steps"].ema_every == 0
     examples = [seen["source"][i] for i in range(len(seen["source"]))]
     assert len(examples) == 8 and not any(keys.SYNTHETIC in e for e in examples)  # nobody relabels them
@@ -98,12 +101,15 @@ def test_fixed_teacher_trains_on_stored_labels_and_saves_theta_e(run, created, m
         np.testing.assert_allclose(s, w + 1.0, rtol=1e-6)  # theta_E, not its (unchanged) EMA
 
 
-def test_teacher_switch_is_checked_and_missing_labels_are_named(run, created, monkeypatch):
+def test_teacher_switch_is_checked_and_missing_labels_are_named(run, created):
     flagged = self_improve.sources(run, "ema")[1]
     assert flagged[0][keys.SYNTHETIC] and not flagged[0][keys.MASK].any()  # theta_C labels these online
-    monkeypatch.setattr(run.config.self_improve, "teacher", "teacher")
-    with pytest.raises(ValueError, match="'teacher'"):
-        self_improve.run(run)
+    run.config.self_improve.teacher = "teacher"
+    try:
+        with pytest.raises(ValueError, match="'teacher'"):
+            self_improve.run(run)
+    finally:
+        run.config.self_improve.teacher = "ema"
     label = run.workdir / "create" / "label" / "000002.png"
     label.rename(label.with_suffix(".bak"))
     try:
