@@ -15,7 +15,7 @@ from configs import nyu
 def get_config() -> ml_collections.ConfigDict:
     c = nyu.get_config()
     c.sd_path = ""  # tiny random SD written into the workdir
-    c.data.root = ""  # procedural scenes rendered into the workdir
+    c.data.name = "scenes"  # procedural rooms rendered into the workdir in the NYUv2 layout
     c.data.image_size = (128, 128)
     c.data.scenes.num_train = 48
     c.data.scenes.num_test = 16

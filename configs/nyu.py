@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     # training, no VAE encoder in the step); ignored with augmentation, which changes the images every epoch
     c.model.train_unet = False  # frozen SD (paper Table B: fine-tuning is worse)
     c.model.unet_lr_mult = 0.1  # when train_unet (VPD-style)
+    c.model.features = "diff2in1"  # feature path plug-in (`d2i_jax.perception.feature_paths`): all 25 UNet block
+    # outputs through the public fusion (`c.fusion`)
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "normals"
@@ -56,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fusion.param_init = "pytorch"  # PyTorch's default initialisers (the public lr was tuned with them); or "flax"
 
     c.data = ml_collections.ConfigDict()
+    c.data.name = "nyu"  # dataset plug-in (`d2i_jax.data.<name>`): the Bae / public-code NYUv2 layout
     c.data.root = ""  # required: NYUv2 normals in the public code's layout
     c.data.train_split = "train"  # 795 images
     c.data.test_split = "test"  # 654 images
@@ -67,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.hflip = False  # public code: no augmentation (Bae's recipe: hflip with n_x negated)
     c.data.augment.color_jitter = 0.0  # Bae's recipe: 0.2
-    c.data.scenes = ml_collections.ConfigDict()  # used only when data.root is empty (procedural scenes)
+    c.data.scenes = ml_collections.ConfigDict()  # data.name = "scenes" only (procedural rooms, rendered once)
     c.data.scenes.num_train = 795
     c.data.scenes.num_test = 654
     c.data.scenes.size = (480, 640)

@@ -10,8 +10,11 @@ Single-process runs (no such environment) skip it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 
 def initialize() -> None:
@@ -28,3 +31,11 @@ def initialize() -> None:
         jax.distributed.initialize()  # SLURM cluster environment: coordinator from the node list
     elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
         jax.distributed.initialize()  # multi-host Cloud TPU slice
+
+
+def process_zero_writes(what: str, write: Callable[[], Any]) -> None:
+    """Files in the (shared) workdir: process 0 writes them while the others wait, so none reads half a file and
+    all agree on what is done."""
+    if jax.process_index() == 0:
+        write()
+    multihost_utils.sync_global_devices(what)

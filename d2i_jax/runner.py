@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +19,23 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from d2i_jax import stages
-from d2i_jax.data.nyu import Augment, NyuNormals, augment
-from d2i_jax.data.scenes import write_nyu_layout
+from d2i_jax.data import get_source
+from d2i_jax.data.nyu import Augment, augment
+from d2i_jax.data.pipeline import RandomAccessSource
 from d2i_jax.diffusion.schedule import NoiseSchedule
+from d2i_jax.distributed import process_zero_writes
 from d2i_jax.metric_writer import MetricWriter
 from d2i_jax.models.clip import embed_prompts
 from d2i_jax.models.loading import StableDiffusion, load_stable_diffusion, restore_params, save_params
 from d2i_jax.models.random_sd import write_random_sd
 from d2i_jax.perception.backbone import Backbone
-from d2i_jax.perception.fusion import FeatureFusion
-from d2i_jax.perception.model import DensePredictor, Perceiver
-from d2i_jax.tasks import TASKS
+from d2i_jax.perception.feature_paths import make_predictor
+from d2i_jax.perception.model import Perceiver
+from d2i_jax.tasks import Task, get_task
+from d2i_jax.training.loop import FitOptions, fit
 from d2i_jax.training.sharding import fsdp_shardings, make_mesh, put_sharded
 from d2i_jax.training.state import TrainState, create_sharded
 from weights_conversion.diff2in1 import MODEL_INFO
@@ -75,7 +76,7 @@ class Run:
         if not path:
             print("config.sd_path is empty: writing a tiny random-weight SD (demo backbone)")
             path = self.workdir / "random_sd"
-            _process_zero_writes("random SD", lambda: write_random_sd(path, seed=self.config.seed))
+            process_zero_writes("random SD", lambda: write_random_sd(path, seed=self.config.seed))
         model = self.config.model
         return load_stable_diffusion(path, dtype=compute_dtype(model.dtype), attention_impl=model.attention_impl,
                                      remat_policy=model.remat_policy)
@@ -133,17 +134,14 @@ class Run:
                               self.config.fsdp_min_size)
 
     @functools.cached_property
-    def task(self) -> Any:
-        cfg = self.config.task
-        if cfg.name not in TASKS:
-            raise ValueError(f"unknown task {cfg.name!r}; available: {sorted(TASKS)}")
-        return TASKS[cfg.name](loss=cfg.loss, head=cfg.head.to_dict())
+    def task(self) -> Task:
+        """The task plug-in `config.task.name` (`d2i_jax.tasks`)."""
+        return get_task(self.config.task)
 
     @functools.cached_property
     def perceiver(self) -> Perceiver:
-        fusion = FeatureFusion(**{k: tuple(v) if isinstance(v, list | tuple) else v
-                                  for k, v in self.config.fusion.items()})
-        return Perceiver(self.backbone, DensePredictor(fusion, self.task.make_head()),
+        """Backbone -> the feature path `config.model.features` -> the task's head."""
+        return Perceiver(self.backbone, make_predictor(self.config, self.task.make_head()),
                          train_unet=self.config.model.train_unet)
 
     def save_model(self, stage: str, params: Any, batch_stats: Any) -> None:
@@ -188,25 +186,12 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ data
 
-    @functools.cached_property
-    def data_root(self) -> Path:
-        """`config.data.root`, or (empty) procedural scenes rendered once into the workdir in the NYUv2 layout."""
+    def source(self, split: str, *, native_size: bool = False) -> RandomAccessSource:
+        """The dataset plug-in `config.data.name`'s split, with the task's labels, at the training resolution (or as
+        stored, for evaluation)."""
         cfg = self.config.data
-        if cfg.root:
-            return Path(cfg.root)
-        root = self.workdir / "scenes"
-        if not (root / "test.txt").exists():  # written last
-            print(f"config.data.root is empty: rendering {cfg.scenes.num_train} + {cfg.scenes.num_test} procedural "
-                  f"scenes into {root}")
-        _process_zero_writes("scenes", lambda: (root / "test.txt").exists() or write_nyu_layout(
-            root, cfg.scenes.num_train, cfg.scenes.num_test, tuple(cfg.scenes.size), self.config.seed))
-        return root
-
-    def source(self, split: str, *, native_size: bool = False) -> NyuNormals:
-        """The NYUv2-layout split at the training resolution (or as stored, for evaluation)."""
-        cfg = self.config.data
-        return NyuNormals(self.data_root, split, size=None if native_size else tuple(cfg.image_size), resize=cfg.resize,
-                          fallback_caption=cfg.fallback_caption)
+        return get_source(cfg, split, size=None if native_size else tuple(cfg.image_size),
+                          label_keys=self.task.label_keys, workdir=self.workdir, seed=self.config.seed)
 
     def augmentation(self) -> Any:
         """`fn(example, rng)` for the loader (hflip with n_x negated, colour jitter), or None (public code: off)."""
@@ -216,13 +201,14 @@ class Run:
         j = aug.color_jitter
         return functools.partial(augment, config=Augment(hflip=aug.hflip, brightness=j, contrast=j, saturation=j))
 
-
-def _process_zero_writes(what: str, write: Callable[[], Any]) -> None:
-    """Files in the (shared) workdir: process 0 writes them while the others wait, so none reads half a file and
-    all agree on what is done."""
-    if jax.process_index() == 0:
-        write()
-    multihost_utils.sync_global_devices(what)
+    def fit(self, stage: str, steps: Any, state: TrainState, source: RandomAccessSource, *, epochs: int,
+            shuffle: bool = True) -> TrainState:
+        """`d2i_jax.training.loop.fit` with this run's mesh, frozen params, contexts, logs and settings; checkpoints
+        in `workdir/<stage>/checkpoints`."""
+        return fit(stage, steps, state, source, frozen=self.frozen, mesh=self.mesh, contexts=self.contexts,
+                   checkpoint_dir=self.stage_dir(stage) / "checkpoints", writer=self.writer,
+                   options=FitOptions.from_config(self.config), epochs=epochs, shuffle=shuffle,
+                   random_map=self.augmentation())
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
@@ -243,7 +229,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
         start = time.perf_counter()
         stages.REGISTRY[name](r)
         elapsed = time.perf_counter() - start
-        _process_zero_writes(f"stage {name}", functools.partial(done.write_text, json.dumps({"seconds": elapsed})))
+        process_zero_writes(f"stage {name}", functools.partial(done.write_text, json.dumps({"seconds": elapsed})))
         print(f"[{name}] done in {elapsed:.1f}s")
     r.writer.close()
     return r

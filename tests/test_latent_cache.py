@@ -23,6 +23,7 @@ from d2i_jax.data.synthetic import Flagged, Pool, SyntheticImages
 from d2i_jax.models.random_sd import write_random_sd
 from d2i_jax.models.vae import Posterior
 from d2i_jax.stages.warmup import with_cached_latents
+from d2i_jax.tasks.normals import NormalsTask
 from d2i_jax.training.sharding import make_mesh
 from d2i_jax.training.state import TrainState
 from d2i_jax.training.steps import Steps, make_optimizer
@@ -117,19 +118,19 @@ def test_cache_is_keyed_on_the_content_of_the_source(tiny, tmp_path, capsys):
         return moments, capsys.readouterr().out
 
     root = _write_generated(tmp_path / "create", seed=0)
-    first, _ = encode(SyntheticImages(root))
-    again, out = encode(SyntheticImages(root))
+    first, _ = encode(SyntheticImages(root, NormalsTask()))
+    again, out = encode(SyntheticImages(root, NormalsTask()))
     assert "reusing" in out
     np.testing.assert_array_equal(again, first)
     _write_generated(root, seed=1)  # create/ regenerated (e.g. another T): same count and names, other pixels
-    source = SyntheticImages(root)
+    source = SyntheticImages(root, NormalsTask())
     second, out = encode(source)
     assert "reusing" not in out
     images = np.stack([source[i][keys.IMAGE] for i in range(len(source))])
     np.testing.assert_allclose(second, _direct_moments(tiny, images), rtol=1e-6, atol=1e-6)
     assert "reusing" in encode(source)[1]
     (root / "manifest.jsonl").write_text('{"id": 0, "T": 300}\n')  # what create records changed
-    assert "reusing" not in encode(SyntheticImages(root))[1]
+    assert "reusing" not in encode(SyntheticImages(root, NormalsTask()))[1]
     for unstated in (Unstated(source), Flagged(Unstated(source))):  # content unknown: encoded every time
         for _ in range(2):
             out = encode(unstated)[1]

@@ -80,11 +80,11 @@ def test_create_without_captions_conditions_on_the_empty_prompt(run, created):
 def test_fixed_teacher_trains_on_stored_labels_and_saves_theta_e(run, created, monkeypatch):
     seen = {}
 
-    def recording_fit(r, stage, steps, state, source, *, epochs, shuffle):
+    def recording_fit(stage, steps, state, source, *, epochs, shuffle):
         seen.update(steps=steps, source=source)
         return state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))  # theta_E != theta_C
 
-    monkeypatch.setattr(self_improve, "fit", recording_fit)
+    monkeypatch.setattr(run, "fit", recording_fit)
     run.config.self_improve.teacher = "fixed"  # set and reset by hand: monkeypatch's undo can delete ConfigDict keys
     try:
         self_improve.run(run)
@@ -114,6 +114,6 @@ def test_teacher_switch_is_checked_and_missing_labels_are_named(run, created):
     label.rename(label.with_suffix(".bak"))
     try:
         with pytest.raises(FileNotFoundError, match=r"label/000002\.png"):
-            SyntheticImages(run.workdir / "create", labels=True)
+            SyntheticImages(run.workdir / "create", run.task, labels=True)
     finally:
         label.with_suffix(".bak").rename(label)

@@ -1,8 +1,14 @@
 """Data: one reader per on-disk format, procedural demo scenes, and the grain pipeline (batches keyed by `keys`)."""
 
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+from d2i_jax import plugins
 from d2i_jax.data import keys
 from d2i_jax.data.nyu import Augment, DatasetFileError, NyuNormals, augment, decode_normals, list_examples
-from d2i_jax.data.pipeline import collate, make_loader
+from d2i_jax.data.pipeline import RandomAccessSource, collate, make_loader
 from d2i_jax.data.scenes import (
     Rendering,
     Scene,
@@ -24,6 +30,7 @@ __all__ = [
     "collate",
     "decode_normals",
     "encode_normals",
+    "get_source",
     "keys",
     "list_examples",
     "make_loader",
@@ -33,3 +40,12 @@ __all__ = [
     "scene_seed",
     "write_nyu_layout",
 ]
+
+
+
+def get_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
+               label_keys: Sequence[str], workdir: str | Path, seed: int = 0) -> RandomAccessSource:
+    """The dataset `config.name` (`config`: the `config.data` section; a module `d2i_jax.data.<name>` with
+    `make_source`) as a random-access source of `split` at `size` (None: as stored) with `label_keys`."""
+    make = plugins.load(__name__, config.name, "make_source", what="config.data.name")
+    return make(config, split, size=size, label_keys=tuple(label_keys), workdir=Path(workdir), seed=seed)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -267,3 +268,14 @@ class NyuNormals:
         if self.augment is not None:
             ex = augment(ex, np.random.default_rng([self.seed, index]), self.augment)
         return ex
+
+
+def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
+                label_keys: Sequence[str], workdir: Path, seed: int = 0) -> NyuNormals:
+    """`config.data.name = "nyu"`: the Bae / public-code NYUv2 layout at `config.root` (normals; depth and semseg
+    where the folders exist, as in the procedural scenes)."""
+    del workdir, seed  # the data is on disk already
+    if not config.root:
+        raise ValueError("config.data.root is empty: give the NYUv2 folder (or use config.data.name='scenes')")
+    return NyuNormals(config.root, split, size=size, resize=config.resize, fallback_caption=config.fallback_caption,
+                      extra_keys=[k for k in label_keys if k in EXTRA_KEYS])

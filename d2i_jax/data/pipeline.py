@@ -63,6 +63,7 @@ def make_loader(
     random_map: Callable[[Any, np.random.Generator], Any] | None = None,
     read_threads: int = 4,
     prefetch_batches: int = 4,
+    batch_fn: Callable[[Sequence[Any]], Any] = collate,
 ) -> grain.DatasetIterator:
     """Build the per-process batch iterator over `source`.
 
@@ -80,6 +81,7 @@ def make_loader(
         reproducible and differs between epochs.
       read_threads: threads reading batches in each process.
       prefetch_batches: batches read ahead in each process.
+      batch_fn: examples -> batch (`collate`; `list` keeps examples of different sizes apart).
 
     Returns:
       A `grain.DatasetIterator` of dict batches (see `collate`); it has `get_state()` and `set_state(state)`.
@@ -93,7 +95,7 @@ def make_loader(
         ds = ds.shuffle(seed=seed)
     if random_map is not None:
         ds = ds.random_map(random_map, seed=seed)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))

@@ -21,10 +21,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import ml_collections
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from d2i_jax.data import keys
+from d2i_jax.data.nyu import EXTRA_KEYS, NyuNormals
+from d2i_jax.distributed import process_zero_writes
 
 VOID, FLOOR, WALL, CEILING, BOX, SPHERE = range(6)
 CLASS_NAMES = ("void", "floor", "wall", "ceiling", "box", "sphere")
@@ -512,3 +518,29 @@ def write_nyu_layout(
             lines.append(f"{split}/img/{name}.png {split}/norm/{name}.png")
         (root / f"{split}.txt").write_text("\n".join(lines))
     return root
+
+
+class SceneSource(NyuNormals):
+    """The rendered scenes as a dataset: `NyuNormals` with the semantic ids reduced as NYUD-MT's (void -> ignore,
+    class k -> k - 1, so the classes are `CLASS_NAMES[1:]`)."""
+
+    def load(self, index: int) -> dict[str, Any]:
+        ex = super().load(index)
+        if keys.SEMSEG in ex:
+            sem = ex[keys.SEMSEG]
+            ex[keys.SEMSEG] = np.where(sem == VOID, keys.IGNORE_INDEX, sem - 1).astype(np.int32)
+        return ex
+
+
+def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
+                label_keys: Sequence[str], workdir: Path, seed: int = 0) -> SceneSource:
+    """`config.data.name = "scenes"`: procedural rooms (`config.scenes`: counts and size) rendered once into
+    `<workdir>/scenes` in the NYUv2 layout (normals, depth, semantics), then read like NYUv2."""
+    cfg = config.scenes
+    root = Path(workdir) / "scenes"
+    if not (root / "test.txt").exists():  # written last
+        print(f"rendering {cfg.num_train} + {cfg.num_test} procedural scenes into {root}")
+    process_zero_writes("scenes", lambda: (root / "test.txt").exists() or write_nyu_layout(
+        root, cfg.num_train, cfg.num_test, tuple(cfg.size), seed))
+    return SceneSource(root, split, size=size, resize=config.resize, fallback_caption=config.fallback_caption,
+                       extra_keys=[k for k in label_keys if k in EXTRA_KEYS])

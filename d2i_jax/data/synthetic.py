@@ -1,7 +1,7 @@
 """Generated images written by the `create` stage, and the real + synthetic mixes the self-improving stage reads.
 
 A synthetic example has no ground truth: its label is predicted online by theta_C, so the source marks it with
-`SYNTHETIC = True` and fills the label keys with zeros / an all-False mask of the right shapes.
+`SYNTHETIC = True` and fills the label keys with the task's placeholder (`Task.empty_labels`: all ignored).
 """
 
 from __future__ import annotations
@@ -17,19 +17,20 @@ from PIL import Image
 
 from d2i_jax.data import keys
 from d2i_jax.data.fingerprint import combined, digest
-from d2i_jax.data.nyu import decode_normals
+from d2i_jax.tasks.base import Task
 
 
 class SyntheticImages:
-    """Random-access examples from `<root>/img/NNNNNN.png` and `<root>/caption/NNNNNN.txt` (the create stage).
+    """Random-access examples from `<root>/img/NNNNNN.png` and `<root>/caption/NNNNNN.txt` (the create stage),
+    with `task`'s label keys.
 
-    With `labels`, each example carries theta_W's label that the create stage stored in `<root>/label/NNNNNN.png`
-    (NYUv2 normal PNG encoding) as its ground truth and no `SYNTHETIC` flag, so no one relabels it (the
+    With `labels`, each example carries theta_W's label that the create stage stored under `<root>/label/` (the
+    task's encoding, `Task.label_file`) as its ground truth and no `SYNTHETIC` flag, so no one relabels it (the
     DA-Fusion-style baseline, `self_improve.teacher = "fixed"`).
     """
 
-    def __init__(self, root: str | Path, size: tuple[int, int] | None = None, *, labels: bool = False):
-        self.root, self.size, self.labels = Path(root), size, labels
+    def __init__(self, root: str | Path, task: Task, size: tuple[int, int] | None = None, *, labels: bool = False):
+        self.root, self.task, self.size, self.labels = Path(root), task, size, labels
         self.paths = sorted((self.root / "img").glob("*.png"))
         if not self.paths:
             raise FileNotFoundError(f"no generated images in {self.root / 'img'}; run the 'create' stage first")
@@ -54,7 +55,8 @@ class SyntheticImages:
         recorded = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
         captions = [self._caption_file(i) for i in range(len(self))]
         labels = [self._label_path(p) for p in self.paths] if self.labels else []
-        return digest("SyntheticImages", self.size, self.labels, recorded, files=[*self.paths, *captions, *labels])
+        return digest("SyntheticImages", self.task.name, self.size, self.labels, recorded,
+                      files=[*self.paths, *captions, *labels])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
@@ -63,16 +65,12 @@ class SyntheticImages:
         caption_file = self._caption_file(index)
         example = {keys.IMAGE: image, keys.ID: np.int32(index),
                    keys.CAPTION: caption_file.read_text().strip() if caption_file.exists() else ""}
-        if self.labels:  # at the image's size, nearest, as `NyuNormals`
-            label = _read_rgb(self._label_path(path), image.shape[:2], Image.Resampling.NEAREST, "stored label")
-            normal, mask = decode_normals(label)
-            return {**example, keys.NORMAL: normal, keys.MASK: mask}
-        h, w = image.shape[:2]
-        return {**example, keys.NORMAL: np.zeros((h, w, 3), np.float32), keys.MASK: np.zeros((h, w), bool),
-                keys.SYNTHETIC: np.bool_(True)}
+        if self.labels:  # at the image's size
+            return {**example, **self.task.read_label(self._label_path(path), image.shape[:2])}
+        return {**example, **self.task.empty_labels(image.shape[:2]), keys.SYNTHETIC: np.bool_(True)}
 
     def _label_path(self, image_path: Path) -> Path:
-        return self.root / "label" / image_path.name
+        return self.task.label_file(self.root / "label", image_path.stem)
 
 
 def _read_rgb(path: Path, size: tuple[int, int] | None, resample: Image.Resampling, what: str) -> np.ndarray:

@@ -7,6 +7,7 @@ separate argument, so the train state (and theta_C's EMA) holds only what is tra
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -14,21 +15,29 @@ import jax
 import jax.numpy as jnp
 
 from d2i_jax.perception.backbone import Backbone
-from d2i_jax.perception.fusion import FeatureFusion, group_by_stride
+from d2i_jax.perception.fusion import group_by_stride
 
 
 class DensePredictor(nn.Module):
-    """Fusion of the UNet block outputs followed by a task head."""
+    """The UNet block outputs a feature path selects (`select`), its neck (`fusion`), then a task head.
 
-    fusion: FeatureFusion
+    Attributes:
+      fusion: the neck, `fusion(selected, image_size, train=...) -> skips` (Diff-2-in-1: `FeatureFusion`); its
+        params are `params["head"]["fusion"]`.
+      head: the task head, `head(skips, train=..., **head_kwargs)`.
+      select: `(block_outputs, image_size) -> the neck's input` (default: Diff-2-in-1's stride groups).
+    """
+
+    fusion: nn.Module
     head: nn.Module
+    select: Callable[[list[jax.Array], tuple[int, int]], Any] = group_by_stride
 
     def __call__(self, block_outputs: list[jax.Array], image_size: tuple[int, int], *, train: bool,
                  sample: bool | None = None, **head_kwargs: Any) -> Any:
         """`train`: the fusion's training mode (BatchNorm batch statistics, spectral-norm power iteration).
         `sample` (default `train`): the head's training-time forward (`head(..., train=sample)`, e.g. the normal
         head's uncertainty-guided sampled refinement, with `head_kwargs`); the heads hold no BatchNorm."""
-        skips = self.fusion(group_by_stride(block_outputs, image_size), image_size, train=train)
+        skips = self.fusion(self.select(block_outputs, image_size), image_size, train=train)
         return self.head(skips, train=train if sample is None else sample, **head_kwargs)
 
 

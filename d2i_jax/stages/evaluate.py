@@ -1,8 +1,10 @@
-"""Stage `evaluate`: the paper's metrics on the test split for theta_W, theta_C and an untrained head.
+"""Stage `evaluate`: the task's metrics on the test split for theta_W, theta_C and an untrained head.
 
 Images are resized to the model's input size, the prediction is resized back to the label's native size (public
-code: 640x480 on NYUv2) and errors are pooled over all valid pixels of all images (REFERENCE §1.3). Writes
-`workdir/metrics.json`, prints the table, and saves `evaluate/predictions.png` (RGB | GT | theta_W | theta_C | kappa).
+code: 640x480 on NYUv2; datasets whose images differ in size are handled a size at a time) and the task's metrics
+are pooled over the whole split (REFERENCE §1.3). Writes `workdir/metrics.json`, prints the table, and saves
+`evaluate/predictions.png` (RGB | GT | theta_W | theta_C | the final model's extra pictures, e.g. kappa).
+Nothing here is task-specific: the task (`d2i_jax.tasks`) supplies resizing, metrics and pictures.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from d2i_jax import viz
 from d2i_jax.data import keys
-from d2i_jax.data.pipeline import make_loader
-from d2i_jax.training.sharding import gather, round_up_to_shards, scatter_batch
+from d2i_jax.data.pipeline import collate, make_loader
+from d2i_jax.training.inference import sharded_call
 from d2i_jax.training.steps import Steps
 
 if TYPE_CHECKING:
@@ -41,69 +42,85 @@ def _models(r: Run) -> dict[str, tuple[Any, Any]]:
 
 
 def picture_columns(models: Collection[str]) -> tuple[list[str], str]:
-    """(the trained models whose normals `predictions.png` shows, in stage order; the model whose kappa it shows:
-    the final one, theta_C, else theta_W, else the untrained head). Independent of the order of `models`: the
-    stage's dicts come back from jax with sorted keys."""
+    """(the trained models whose predictions `predictions.png` shows, in stage order; the model whose extra
+    pictures (e.g. kappa) it shows: the final one, theta_C, else theta_W, else the untrained head). Independent of
+    the order of `models`: the stage's dicts come back from jax with sorted keys."""
     trained = [name for name in TRAINED if name in models]
     return trained, (trained or ["untrained"])[-1]
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    cols = ["mean", "median", "rmse", "pct_5", "pct_7_5", "pct_11_25", "pct_22_5", "pct_30"]
-    heads = ["mean°", "median°", "rmse°", "<5°%", "<7.5°%", "<11.25°%", "<22.5°%", "<30°%"]
-    lines = [f"{'model':<10}" + "".join(f"{h:>10}" for h in heads)]
-    lines += [f"{name:<10}" + "".join(f"{m[c]:>10.2f}" for c in cols) for name, m in results.items()]
+def format_table(results: dict[str, dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
+    """The metric table: a row per model, `columns` = (metric key, header) pairs."""
+    lines = [f"{'model':<10}" + "".join(f"{h:>10}" for _, h in columns)]
+    lines += [f"{name:<10}" + "".join(f"{m[c]:>10.4g}" for c, _ in columns) for name, m in results.items()]
     return "\n".join(lines)
 
 
 def run(r: Run) -> None:
     cfg = r.config.evaluate
+    task = r.task
     source = r.source(r.config.data.test_split, native_size=True)
-    models = _models(r)
-    mesh = r.mesh
-    steps = Steps(r.perceiver, r.task, None)
+    steps = Steps(r.perceiver, task, None)
     size = tuple(r.config.data.image_size)
     protocol = cfg.protocol
     if protocol not in EVAL_PROTOCOLS:
         raise ValueError(f"config.evaluate.protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}")
 
-    def predict(models, frozen, images, context, rng):
+    @jax.jit
+    def predict(models, frozen, rng, batch):
+        images = batch[keys.IMAGE]
         native = images.shape[1:3]
         small = jax.image.resize(images, (images.shape[0], *size, 3), "bilinear", antialias=protocol == "exact")
-        preds = steps.predict(models, frozen, small, context, rng)
-        return {name: r.task.resize_prediction(p, native, protocol) for name, p in preds.items()}
+        preds = steps.predict(models, frozen, small, batch["context"], rng)
+        return {name: task.resize_prediction(p, native, protocol) for name, p in preds.items()}
 
-    predict = jax.jit(predict)
-    models = r.shard(models)
-    batch_size = round_up_to_shards(cfg.batch_size, mesh)
-    accs = {name: r.task.new_metrics(protocol) for name in models}
-    shown, kappa_of = picture_columns(models)
-    rows = []
-    # Every process reads every batch (the same order, the same step count) and feeds its own rows; predictions
-    # are gathered, so each process holds the same metrics.
-    loader = make_loader(source, batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
-                         shard_by_process=False)
-    for local in tqdm(loader, desc="evaluate", unit="batch", total=-(-len(source) // batch_size)):
-        n = len(local[keys.CAPTION])
-        pad = batch_size - n  # last partial batch: pad, then drop the padding
-        padded = {k: np.concatenate([v, np.repeat(v[:1], pad, 0)]) if pad else v for k, v in local.items()}
-        batch = scatter_batch({keys.IMAGE: padded[keys.IMAGE], "context": r.contexts(list(padded[keys.CAPTION]))},
-                              mesh)
-        labels = {k: local[k] for k in r.task.label_keys}
-        preds = gather(predict(models, r.frozen, batch[keys.IMAGE], batch["context"], jax.random.key(r.config.seed)))
-        preds = {name: preds[name][:n] for name in models}
-        for name, pred in preds.items():
-            r.task.update_metrics(accs[name], jnp.asarray(pred), labels)
-        for k in range(min(n, cfg.num_pictures - len(rows))):
-            row = [viz.image_to_uint8(local[keys.IMAGE][k]), r.task.label_picture({x: v[k] for x, v in labels.items()})]
-            row += [r.task.pictures(preds[name][k])["normal"] for name in shown]
-            row.append(r.task.pictures(preds[kappa_of][k])["uncertainty"])
-            rows.append(row)
+    models = r.shard(_models(r))
+    accs = {name: task.new_metrics(protocol) for name in models}
+    shown, extras_of = picture_columns(models)
+    rows, extra_names = [], []
+    # Every process reads every example (the same order, the same step count) and feeds its own rows; predictions
+    # are gathered, so each process holds the same metrics. Examples are batched a native size at a time.
+    loader = make_loader(source, batch_size=cfg.batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
+                         shard_by_process=False, batch_fn=list)
+    for examples in tqdm(loader, desc="evaluate", unit="batch", total=-(-len(source) // cfg.batch_size)):
+        for group in _by_image_size(examples):
+            batch = collate(group)
+            labels = {k: batch[k] for k in task.label_keys}
+            inputs = {keys.IMAGE: batch[keys.IMAGE], "context": r.contexts(list(batch[keys.CAPTION]))}
+            preds = sharded_call(predict, (models, r.frozen, jax.random.key(r.config.seed)), inputs, r.mesh,
+                                 rows=cfg.batch_size)
+            for name, pred in preds.items():
+                task.update_metrics(accs[name], pred, labels)
+            for k in range(min(len(group), cfg.num_pictures - len(rows))):
+                final = list(task.pictures(preds[extras_of][k]).items())  # the label-like picture, then extras
+                extra_names = [name for name, _ in final[1:]]
+                rows.append([viz.image_to_uint8(batch[keys.IMAGE][k]),
+                             task.label_picture({x: v[k] for x, v in labels.items()}),
+                             *(next(iter(task.pictures(preds[name][k]).values())) for name in shown),
+                             *(pic for _, pic in final[1:])])
     results = {name: acc.result() for name, acc in accs.items()}
-    for name, m in results.items():
+    scalars = {name: {k: v for k, v in m.items() if np.ndim(v) == 0} for name, m in results.items()}
+    for name, m in scalars.items():
         r.writer.write("evaluate", 0, {f"{name}/{k}": v for k, v in m.items()})
     if jax.process_index() == 0:
-        (r.workdir / "metrics.json").write_text(json.dumps(results, indent=2))
-        labels = ["image", "ground truth", *shown, f"kappa ({kappa_of})"]
+        (r.workdir / "metrics.json").write_text(json.dumps(jax.tree.map(_jsonable, results), indent=2))
+        labels = ["image", "ground truth", *shown, *(f"{e} ({extras_of})" for e in extra_names)]
         viz.save_grid(r.stage_dir("evaluate") / "predictions.png", rows, labels)
-    print(f"[evaluate] {len(source)} test images, angular error pooled over valid pixels:\n{format_table(results)}")
+    print(f"[evaluate] {len(source)} test images, {task.name} metrics pooled over the split:\n"
+          f"{format_table(scalars, task.metric_columns)}")
+
+
+def _by_image_size(examples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`examples` grouped by image size (first-seen order), so each group stacks into one batch."""
+    groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for e in examples:
+        groups.setdefault(np.shape(e[keys.IMAGE]), []).append(e)
+    return list(groups.values())
+
+
+def _jsonable(value: Any) -> Any:
+    """Metric values for `metrics.json`: arrays (e.g. per-class IoU) as lists, NaN as null."""
+    value = np.asarray(value, np.float64)
+    if value.ndim:
+        return [None if np.isnan(v) else float(v) for v in value]
+    return None if np.isnan(value) else float(value)

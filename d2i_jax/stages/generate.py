@@ -1,7 +1,7 @@
 """Stage `generate`: multi-modal pairs Phi_gen(eps) from the final model (theta_C, else theta_W).
 
 From pure noise with `generate.prompts` (or the training captions), and from partial noise of real images:
-RGB | normal map | kappa (uncertainty) pictures side by side in `generate/from_noise.png` and
+RGB | the task's pictures of the label (normals: normal map | kappa) side by side in `generate/from_noise.png` and
 `generate/from_partial_noise.png`. With the demo's random SD the RGB is meaningless; with SD1.5 it is an image.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.stages.create import generator
-from d2i_jax.training.sharding import gather, round_up_to_shards, scatter_batch
+from d2i_jax.training.inference import sharded_call
 
 if TYPE_CHECKING:
     from d2i_jax.runner import Run
@@ -33,20 +33,18 @@ def run(r: Run) -> None:
     uncond = r.prompt_embedding("")
     latent_shape = (*(s // 8 for s in r.config.data.image_size), r.sd.vae.latent_channels)
     base = jax.random.key(cfg.seed)
-    padded = [*range(n)] + [0] * (round_up_to_shards(n, r.mesh) - n)  # every process feeds its rows
-    batch = scatter_batch({keys.IMAGE: np.stack([examples[i][keys.IMAGE] for i in padded]),
-                           keys.ID: np.asarray(padded, np.int32),
-                           "context": np.asarray(r.embed([prompts[i] for i in padded]))}, r.mesh)
+    batch = {keys.IMAGE: np.stack([e[keys.IMAGE] for e in examples]), keys.ID: np.arange(n, dtype=np.int32),
+             "context": np.asarray(r.embed(prompts))}
     out = r.stage_dir("generate")
     for source_kind, name in (("noise", "from_noise"), ("partial", "from_partial_noise")):
         gen = generator(r, _with_source(cfg, source_kind))
 
         @jax.jit
-        def sample(frozen, params, batch_stats, context, ids, images, gen=gen):
-            rngs = jax.vmap(lambda index: jax.random.fold_in(base, index))(ids)
-            return gen(frozen, params, batch_stats, context, uncond, rngs, images, latent_shape)
+        def sample(frozen, params, batch_stats, batch, gen=gen):
+            rngs = jax.vmap(lambda index: jax.random.fold_in(base, index))(batch[keys.ID])
+            return gen(frozen, params, batch_stats, batch["context"], uncond, rngs, batch[keys.IMAGE], latent_shape)
 
-        rgb, pred = gather(sample(r.frozen, params, batch_stats, batch["context"], batch[keys.ID], batch[keys.IMAGE]))
+        rgb, pred = sharded_call(sample, (r.frozen, params, batch_stats), batch, r.mesh)
         rows = [[viz.image_to_uint8(rgb[i]), *r.task.pictures(pred[i]).values()] for i in range(n)]
         if source_kind == "partial":
             rows = [[viz.image_to_uint8(examples[i][keys.IMAGE]), *row] for i, row in enumerate(rows)]

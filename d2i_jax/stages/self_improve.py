@@ -17,7 +17,6 @@ import jax
 
 from d2i_jax.data.synthetic import FixedMix, Flagged, Pool, SyntheticImages
 from d2i_jax.stages.warmup import optimizer, with_cached_latents
-from d2i_jax.training.loop import fit
 from d2i_jax.training.state import ema_every_steps
 from d2i_jax.training.steps import Steps
 
@@ -32,7 +31,7 @@ def sources(r: Run, teacher: str) -> tuple[Any, Any]:
     flagged False, so batches mix); "fixed": the stored theta_W labels as ground truth, nothing flagged."""
     real = r.source(r.config.data.train_split)
     fixed = teacher == "fixed"
-    synthetic = SyntheticImages(r.workdir / "create", size=tuple(r.config.data.image_size), labels=fixed)
+    synthetic = SyntheticImages(r.workdir / "create", r.task, size=tuple(r.config.data.image_size), labels=fixed)
     return (real if fixed else Flagged(real, flag=False)), synthetic
 
 
@@ -71,7 +70,7 @@ def run(r: Run) -> None:
     else:
         raise ValueError(f"self_improve.mix must be 'pool' or 'fixed', got {cfg.mix!r}")
     print(f"[self_improve] {len(real)} real + {len(synthetic)} synthetic images ({cfg.mix}), {cfg.epochs} epochs")
-    state = fit(r, "self_improve", steps, state, source, epochs=epochs, shuffle=shuffle)
+    state = r.fit("self_improve", steps, state, source, epochs=epochs, shuffle=shuffle)
     if cfg.teacher == "fixed":
         r.save_model("self_improve", state.params, state.batch_stats)
     else:

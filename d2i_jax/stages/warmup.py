@@ -6,7 +6,6 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from d2i_jax.data.latent_cache import WithMoments, cache_file, encode_moments
-from d2i_jax.training.loop import fit
 from d2i_jax.training.steps import Steps, make_optimizer
 
 if TYPE_CHECKING:
@@ -46,5 +45,5 @@ def run(r: Run) -> None:
     state = r.train_state(params, batch_stats, tx, seed_offset=1)
     source = with_cached_latents(r, "warmup", {"train": r.source(r.config.data.train_split)})["train"]
     print(f"[warmup] {len(source)} training images, {r.config.warmup.epochs} epochs")
-    state = fit(r, "warmup", Steps(r.perceiver, r.task, tx), state, source, epochs=r.config.warmup.epochs)
+    state = r.fit("warmup", Steps(r.perceiver, r.task, tx), state, source, epochs=r.config.warmup.epochs)
     r.save_model("warmup", state.params, state.batch_stats)

@@ -1,11 +1,21 @@
-"""Dense prediction tasks: each names its head, loss, prediction, pseudo-labels, metrics and pictures.
+"""Dense prediction tasks as plug-ins: `config.task.name` names a module `d2i_jax.tasks.<name>`.
 
-A task is the only place that knows what a label is, so the trainer, the data-creation stage and the evaluator
-work for any task in `TASKS` (normals now; depth and segmentation follow the same contract).
+A task module defines a `Task` (`d2i_jax.tasks.base`) and `make(config.task) -> Task`; it is the only place that
+knows what a label is, so the trainer, data creation, evaluation and generation work for any task. Adding a task
+is a new module plus a config.
 """
 
-from d2i_jax.tasks.normals import NormalsTask
+from __future__ import annotations
 
-TASKS = {"normals": NormalsTask}
+import ml_collections
 
-__all__ = ["TASKS", "NormalsTask"]
+from d2i_jax import plugins
+from d2i_jax.tasks.base import MetricAccumulator, Task
+
+
+def get_task(config: ml_collections.ConfigDict) -> Task:
+    """The task `config.name` built from `config` (the `config.task` section)."""
+    return plugins.load(__name__, config.name, "make", what="config.task.name")(config)
+
+
+__all__ = ["MetricAccumulator", "Task", "get_task"]

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from PIL import Image
 
 from d2i_jax import viz
 from d2i_jax.data import keys
+from d2i_jax.data.atomic import write_png_atomically
+from d2i_jax.data.nyu import _load_png as load_image  # TODO(readers merge): d2i_jax.data.files.load_image
+from d2i_jax.data.nyu import decode_normals
 from d2i_jax.losses import NORMAL_LOSSES, UNCERTAINTY_GUIDED
 from d2i_jax.metrics import DEGREES_PER_RADIAN, PUBLIC_DEGREES_PER_RADIAN, NormalErrorAccumulator
 from d2i_jax.perception.normal_head import NormalHead, NormalHeadOutput, normal_training_loss, renormalise
+from d2i_jax.tasks.base import task_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +38,8 @@ class NormalsTask:
 
     name = "normals"
     label_keys = (keys.NORMAL, keys.MASK)
+    metric_columns = (("mean", "mean°"), ("median", "median°"), ("rmse", "rmse°"), ("pct_5", "<5°%"),
+                      ("pct_7_5", "<7.5°%"), ("pct_11_25", "<11.25°%"), ("pct_22_5", "<22.5°%"), ("pct_30", "<30°%"))
 
     def __post_init__(self) -> None:
         if self.loss not in NORMAL_LOSSES:
@@ -68,6 +77,28 @@ class NormalsTask:
         return {keys.NORMAL: prediction[..., :3], keys.MASK: jnp.ones(prediction.shape[:-1], bool)}
 
     @staticmethod
+    def empty_labels(size: tuple[int, int]) -> dict[str, np.ndarray]:
+        return {keys.NORMAL: np.zeros((*size, 3), np.float32), keys.MASK: np.zeros(size, bool)}
+
+    @staticmethod
+    def label_file(directory: Path, name: str) -> Path:
+        return Path(directory) / f"{name}.png"
+
+    def write_label(self, directory: Path, name: str, prediction: np.ndarray) -> None:
+        """`<name>.png` in the NYUv2 normal PNG encoding (n = RGB / 255 * 2 - 1; every pixel valid)."""
+        write_png_atomically(self.label_file(directory, name),
+                             np.clip(np.round((prediction[..., :3] + 1) * 127.5), 1, 255).astype(np.uint8))
+
+    @staticmethod
+    def read_label(path: Path, size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """A normal PNG at `size`, resized nearest as `NyuNormals` does."""
+        rgb = load_image(path, "stored normal label", ("RGB",))
+        if rgb.size != (size[1], size[0]):
+            rgb = rgb.resize((size[1], size[0]), Image.Resampling.NEAREST)
+        normal, mask = decode_normals(np.asarray(rgb))
+        return {keys.NORMAL: normal, keys.MASK: mask}
+
+    @staticmethod
     def resize_prediction(prediction: jax.Array, size: tuple[int, int], protocol: str = "public") -> jax.Array:
         """The prediction at the label's native size (evaluation at native resolution), by `EVAL_PROTOCOLS`:
         "public" as the public test.py / evaluation.py (normals written to an 8-bit PNG, read back, resized bilinearly
@@ -99,7 +130,7 @@ class NormalsTask:
     def label_picture(labels: Mapping[str, np.ndarray]) -> np.ndarray:
         return viz.normal_to_rgb(labels[keys.NORMAL], labels[keys.MASK])
 
-    @staticmethod
-    def encode_label_png(prediction: np.ndarray) -> np.ndarray:
-        """uint8 RGB in the NYUv2 normal PNG encoding (n = RGB / 255 * 2 - 1)."""
-        return np.clip(np.round((prediction[..., :3] + 1) * 127.5), 1, 255).astype(np.uint8)
+
+def make(config: ml_collections.ConfigDict) -> NormalsTask:
+    """`config.task` (`loss`, `head`) -> the task."""
+    return NormalsTask(**task_fields(NormalsTask, config))

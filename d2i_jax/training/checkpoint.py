@@ -26,6 +26,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether JAX's preemption sync point (TPU maintenance / preemption notice) is at `step`; call it every
+        step on every process. False where the preemption service is off (single process, most GPU clusters)."""
+        return self._manager.reached_preemption(step)
+
     def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
         """Saves synchronously (a stage may end right after)."""
         items = {"state": ocp.args.StandardSave(state)}

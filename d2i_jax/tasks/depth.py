@@ -1,0 +1,123 @@
+"""Monocular depth (metres): a dense head with a sigmoid x `max_depth` output (VPD's), the scale-invariant log loss
+(Eigen et al. / VPD's SiLog), RMSE / AbsRel / delta metrics.
+
+`config.task` fields: `max_depth` (10 m on NYUv2), `min_depth` (evaluation floor, 1e-3), `silog_lambda` (VPD:
+0.85) and `silog_scale` (VPD: 10), the evaluation's `eigen_crop` and `reduction` ("pooled": over all valid pixels of
+all images, the NYUD-MT multi-task convention; "per_image": the NYUv2 single-task convention), and `head` (the
+`SkipDecoderHead` fields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from d2i_jax import viz
+from d2i_jax.data import keys
+from d2i_jax.data.atomic import write_npy_atomically, write_png_atomically
+from d2i_jax.losses import silog_loss
+from d2i_jax.metrics import DepthErrorAccumulator
+from d2i_jax.perception.skip_decoder import SkipDecoderHead
+from d2i_jax.tasks.base import task_fields
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthTask:
+    """Predictions are `[B, H, W, 1]` depth in metres, in (0, max_depth)."""
+
+    max_depth: float = 10.0
+    min_depth: float = 1e-3
+    silog_lambda: float = 0.85
+    silog_scale: float = 10.0
+    eigen_crop: bool = False
+    reduction: str = "pooled"
+    head: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    name = "depth"
+    label_keys = (keys.DEPTH,)
+    metric_columns = (("rmse", "rmse m"), ("abs_rel", "abs_rel"), ("sq_rel", "sq_rel"), ("log10", "log10"),
+                      ("rmse_log", "rmse_log"), ("delta1", "δ<1.25"), ("delta2", "δ<1.25²"), ("delta3", "δ<1.25³"))
+
+    def make_head(self) -> nn.Module:
+        return SkipDecoderHead(out_channels=1, **{k: tuple(v) if isinstance(v, list) else v
+                                                  for k, v in self.head.items()})
+
+    def head_kwargs(self, labels: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
+        return {}
+
+    def unlabelled_head_kwargs(self, rng: jax.Array) -> dict[str, Any]:
+        return {}
+
+    def prediction(self, outputs: jax.Array) -> jax.Array:
+        """VPD's output activation: sigmoid x max depth."""
+        return jax.nn.sigmoid(outputs.astype(jnp.float32)) * self.max_depth
+
+    def loss_fn(self, outputs: jax.Array, labels: Mapping[str, jax.Array]) -> jax.Array:
+        gt = labels[keys.DEPTH]
+        return silog_loss(self.prediction(outputs)[..., 0], gt, gt > self.min_depth, lam=self.silog_lambda,
+                          scale=self.silog_scale)
+
+    @staticmethod
+    def pseudo_labels(prediction: jax.Array) -> dict[str, jax.Array]:
+        """The predicted depth, every pixel valid (it is > 0)."""
+        return {keys.DEPTH: prediction[..., 0]}
+
+    @staticmethod
+    def empty_labels(size: tuple[int, int]) -> dict[str, np.ndarray]:
+        return {keys.DEPTH: np.zeros(size, np.float32)}
+
+    @staticmethod
+    def label_file(directory: Path, name: str) -> Path:
+        return Path(directory) / f"{name}.npy"
+
+    def write_label(self, directory: Path, name: str, prediction: np.ndarray) -> None:
+        """`<name>.npy` (float32 metres, as NYUD-MT's depth files) and `<name>_color.png` to look at."""
+        depth = np.asarray(prediction[..., 0], np.float32)
+        write_png_atomically(Path(directory) / f"{name}_color.png", viz.depth_to_rgb(depth, vmin=0.0,
+                                                                                       vmax=self.max_depth))
+        write_npy_atomically(self.label_file(directory, name), depth)
+
+    @staticmethod
+    def read_label(path: Path, size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """A depth `.npy` at `size`, resized nearest as the readers do."""
+        try:
+            depth = np.load(path).astype(np.float32)
+        except (OSError, ValueError) as e:
+            raise OSError(f"cannot read stored depth label {path}: {e}") from e
+        if depth.shape != tuple(size):
+            depth = np.asarray(Image.fromarray(depth).resize((size[1], size[0]), Image.Resampling.NEAREST))
+        return {keys.DEPTH: depth}
+
+    @staticmethod
+    def resize_prediction(prediction: jax.Array, size: tuple[int, int], protocol: str = "public") -> jax.Array:
+        """Bilinear to the label size; antialiased when shrinking under the "exact" protocol."""
+        return jax.image.resize(prediction, (prediction.shape[0], *size, prediction.shape[-1]), "bilinear",
+                                antialias=protocol == "exact")
+
+    def new_metrics(self, protocol: str = "public") -> DepthErrorAccumulator:
+        return DepthErrorAccumulator(min_depth=self.min_depth, max_depth=self.max_depth, eigen_crop=self.eigen_crop,
+                                     reduction=self.reduction)
+
+    @staticmethod
+    def update_metrics(acc: DepthErrorAccumulator, prediction: jax.Array, labels: Mapping[str, Any]) -> None:
+        acc.update(prediction[..., 0], labels[keys.DEPTH])
+
+    def pictures(self, prediction: np.ndarray) -> dict[str, np.ndarray]:
+        return {"depth": viz.depth_to_rgb(prediction[..., 0], vmin=0.0, vmax=self.max_depth)}
+
+    def label_picture(self, labels: Mapping[str, np.ndarray]) -> np.ndarray:
+        return viz.depth_to_rgb(labels[keys.DEPTH], vmin=0.0, vmax=self.max_depth)
+
+
+def make(config: ml_collections.ConfigDict) -> DepthTask:
+    """`config.task` (the fields of `DepthTask`) -> the task."""
+    return DepthTask(**task_fields(DepthTask, config))

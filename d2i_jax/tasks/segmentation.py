@@ -1,0 +1,125 @@
+"""Semantic segmentation: per-pixel class logits, cross-entropy with an ignore index, mIoU from one confusion
+matrix pooled over the split.
+
+`config.task` fields: `num_classes`, `ignore_index` (255), `pseudo_label_threshold` (theta_C's labels of synthetic
+images: the argmax class where its softmax probability reaches the threshold, else ignore; 0 labels every pixel),
+`class_names` (for pictures and the per-class table in `metrics.json`) and `head` (`SkipDecoderHead` fields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from d2i_jax import viz
+from d2i_jax.data import keys
+from d2i_jax.data.atomic import write_png_atomically
+from d2i_jax.data.files import load_image
+from d2i_jax.losses import cross_entropy_ignore
+from d2i_jax.metrics import ConfusionMatrixAccumulator
+from d2i_jax.perception.skip_decoder import SkipDecoderHead
+from d2i_jax.tasks.base import task_fields
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationTask:
+    """Predictions are `[B, H, W, num_classes]` logits."""
+
+    num_classes: int = 150
+    ignore_index: int = keys.IGNORE_INDEX
+    pseudo_label_threshold: float = 0.0
+    class_names: Sequence[str] = ()
+    head: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    name = "segmentation"
+    label_keys = (keys.SEMSEG,)
+    metric_columns = (("miou", "mIoU"), ("pixel_acc", "pixel acc"))
+
+    def __post_init__(self) -> None:
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"task.class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        if not 0 <= self.pseudo_label_threshold < 1:
+            raise ValueError(f"task.pseudo_label_threshold must be in [0, 1), got {self.pseudo_label_threshold}")
+
+    def make_head(self) -> nn.Module:
+        return SkipDecoderHead(out_channels=self.num_classes, **{k: tuple(v) if isinstance(v, list) else v
+                                                                 for k, v in self.head.items()})
+
+    def head_kwargs(self, labels: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
+        return {}
+
+    def unlabelled_head_kwargs(self, rng: jax.Array) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def prediction(outputs: jax.Array) -> jax.Array:
+        return outputs.astype(jnp.float32)
+
+    def loss_fn(self, outputs: jax.Array, labels: Mapping[str, jax.Array]) -> jax.Array:
+        return cross_entropy_ignore(outputs.astype(jnp.float32), labels[keys.SEMSEG], self.ignore_index)
+
+    def pseudo_labels(self, prediction: jax.Array) -> dict[str, jax.Array]:
+        """Argmax classes; below `pseudo_label_threshold` confidence, ignore."""
+        classes = jnp.argmax(prediction, axis=-1).astype(jnp.int32)
+        if self.pseudo_label_threshold > 0:
+            confident = jnp.max(jax.nn.softmax(prediction, axis=-1), axis=-1) >= self.pseudo_label_threshold
+            classes = jnp.where(confident, classes, self.ignore_index)
+        return {keys.SEMSEG: classes}
+
+    def empty_labels(self, size: tuple[int, int]) -> dict[str, np.ndarray]:
+        return {keys.SEMSEG: np.full(size, self.ignore_index, np.int32)}
+
+    @staticmethod
+    def label_file(directory: Path, name: str) -> Path:
+        return Path(directory) / f"{name}.png"
+
+    def write_label(self, directory: Path, name: str, prediction: np.ndarray) -> None:
+        """A palette PNG of the argmax classes (value = class id, colours = `viz.SEG_PALETTE`)."""
+        classes = np.argmax(prediction, axis=-1).astype(np.uint8)
+        write_png_atomically(self.label_file(directory, name), classes, palette=viz.SEG_PALETTE[:256])
+
+    def read_label(self, path: Path, size: tuple[int, int]) -> dict[str, np.ndarray]:
+        im = load_image(path, "stored segmentation label", ("P", "L"))
+        if im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.Resampling.NEAREST)
+        return {keys.SEMSEG: np.asarray(im).astype(np.int32)}
+
+    @staticmethod
+    def resize_prediction(prediction: jax.Array, size: tuple[int, int], protocol: str = "public") -> jax.Array:
+        """Logits bilinear to the label size (mmseg: align_corners=False, no antialiasing; "exact" antialiases)."""
+        return jax.image.resize(prediction, (prediction.shape[0], *size, prediction.shape[-1]), "bilinear",
+                                antialias=protocol == "exact")
+
+    def new_metrics(self, protocol: str = "public") -> ConfusionMatrixAccumulator:
+        return ConfusionMatrixAccumulator(self.num_classes, ignore_index=self.ignore_index)
+
+    @staticmethod
+    def update_metrics(acc: ConfusionMatrixAccumulator, prediction: jax.Array, labels: Mapping[str, Any]) -> None:
+        acc.update(jnp.argmax(jnp.asarray(prediction), axis=-1), labels[keys.SEMSEG])
+
+    def pictures(self, prediction: np.ndarray) -> dict[str, np.ndarray]:
+        """The argmax classes in palette colours, and the softmax confidence (bright = confident)."""
+        p = np.asarray(prediction, np.float64)
+        e = np.exp(p - p.max(-1, keepdims=True))
+        return {"segmentation": viz.semseg_to_rgb(np.argmax(p, -1), self.ignore_index),
+                "confidence": viz.colorize(e.max(-1) / e.sum(-1), 0.0, 1.0)}
+
+    def label_picture(self, labels: Mapping[str, np.ndarray]) -> np.ndarray:
+        return viz.semseg_to_rgb(labels[keys.SEMSEG], self.ignore_index)
+
+
+def make(config: ml_collections.ConfigDict) -> SegmentationTask:
+    """`config.task` (the fields of `SegmentationTask`) -> the task."""
+    fields = task_fields(SegmentationTask, config)
+    if "class_names" in fields:
+        fields["class_names"] = tuple(fields["class_names"])
+    return SegmentationTask(**fields)
