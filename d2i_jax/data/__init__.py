@@ -1,8 +1,11 @@
 """Data: one reader per on-disk format, procedural demo scenes, and the grain pipeline (batches keyed by `keys`)."""
 
 from d2i_jax.data import keys
+from d2i_jax.data.ade20k import Ade20k
 from d2i_jax.data.nyu import Augment, DatasetFileError, NyuNormals, augment, decode_normals, list_examples
+from d2i_jax.data.nyud_mt import NyudMT
 from d2i_jax.data.pipeline import collate, make_loader
+from d2i_jax.data.robust import SkipBadFiles, Without, check_files
 from d2i_jax.data.scenes import (
     Rendering,
     Scene,
@@ -15,12 +18,17 @@ from d2i_jax.data.scenes import (
 )
 
 __all__ = [
+    "Ade20k",
     "Augment",
     "DatasetFileError",
     "NyuNormals",
+    "NyudMT",
     "Rendering",
     "Scene",
+    "SkipBadFiles",
+    "Without",
     "augment",
+    "check_files",
     "collate",
     "decode_normals",
     "encode_normals",
