@@ -7,8 +7,11 @@ import ml_collections
 
 from d2i_jax import plugins
 from d2i_jax.data import keys
+from d2i_jax.data.ade20k import Ade20k
 from d2i_jax.data.nyu import Augment, DatasetFileError, NyuNormals, augment, decode_normals, list_examples
+from d2i_jax.data.nyud_mt import NyudMT
 from d2i_jax.data.pipeline import RandomAccessSource, collate, make_loader
+from d2i_jax.data.robust import SkipBadFiles, Without, check_files
 from d2i_jax.data.scenes import (
     Rendering,
     Scene,
@@ -21,12 +24,17 @@ from d2i_jax.data.scenes import (
 )
 
 __all__ = [
+    "Ade20k",
     "Augment",
     "DatasetFileError",
     "NyuNormals",
+    "NyudMT",
     "Rendering",
     "Scene",
+    "SkipBadFiles",
+    "Without",
     "augment",
+    "check_files",
     "collate",
     "decode_normals",
     "encode_normals",

@@ -21,15 +21,23 @@ import numpy as np
 from PIL import Image
 
 from d2i_jax.data import keys
+from d2i_jax.data.files import (
+    IMAGE_MODES,
+    IMAGE_SUFFIXES,
+    RESIZES,
+    DatasetFileError,
+    decode_normals,
+    load_image,
+    load_npy,
+    read_caption,
+    resize_image,
+    resize_linear,
+    resize_rgb,
+)
 from d2i_jax.data.fingerprint import digest
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 EXTRA_FILES = {keys.DEPTH: ("depth", ".npy"), keys.SEMSEG: ("semseg", ".png")}  # key -> (folder, suffix)
 EXTRA_KEYS = tuple(EXTRA_FILES)
-
-
-class DatasetFileError(OSError):
-    """A dataset file exists but cannot be decoded, or does not have the expected shape / mode."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,58 +71,6 @@ def list_examples(root: str | Path, split: str) -> list[NyuRecord]:
         raise FileNotFoundError(f"no split file {split_file} and no image folder {img_dir}")
     images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return [NyuRecord(p, root / split / "norm" / (p.stem + ".png")) for p in images]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decoding (every failure names the file)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _load_png(path: Path, what: str, modes: Sequence[str]) -> Image.Image:
-    """Open and fully decode an image; missing or corrupt files raise errors that name `path`."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's decoders raise all three
-        raise DatasetFileError(f"cannot decode {what} file {path}: {e}") from e
-    if im.mode not in modes:
-        raise DatasetFileError(f"{what} file {path} has mode {im.mode}, expected one of {tuple(modes)}")
-    return im
-
-
-def _resize(im: Image.Image, size: tuple[int, int] | None, resample: Image.Resampling) -> Image.Image:
-    if size is None or im.size == (size[1], size[0]):
-        return im
-    return im.resize((size[1], size[0]), resample)
-
-
-RESIZES = ("pil", "public")
-
-
-def resize_linear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of `[H, W, ...]` to `size` without antialiasing, as `cv2.resize(INTER_LINEAR)` (the public
-    code's loader): source position (i + 0.5) * in / out - 0.5, clamped at the borders. Two gathers per axis, so it
-    costs milliseconds in a loader worker (PIL's bilinear antialiases when shrinking; cv2 is no dependency here)."""
-    for axis, n_out in enumerate(size):
-        n_in = x.shape[axis]
-        if n_in == n_out:
-            continue
-        pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-        lo = np.floor(pos).astype(np.int64)
-        t = (pos - lo).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
-        x = np.take(x, lo, axis) * (1 - t) + np.take(x, np.minimum(lo + 1, n_in - 1), axis) * t
-    return x
-
-
-def decode_normals(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [H, W, 3] PNG pixels -> (unit normals float32, zero where invalid; valid mask = pixel not (0, 0, 0))."""
-    mask = np.any(rgb != 0, axis=-1)
-    n = rgb.astype(np.float32) / 255.0 * 2.0 - 1.0
-    norm = np.linalg.norm(n, axis=-1, keepdims=True)
-    n = np.where(mask[..., None], n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
-    return n, mask
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,26 +176,24 @@ class NyuNormals:
 
     def caption(self, index: int) -> str:
         """The caption file's text (stripped), or `fallback_caption` if the example has none."""
-        path = self.records[index].sibling("caption", ".txt")
-        return path.read_text(encoding="utf-8").strip() if path.is_file() else self.fallback_caption
+        return read_caption(self.records[index].sibling("caption", ".txt"), self.fallback_caption)
 
     def load(self, index: int) -> dict[str, Any]:
         """Decode example `index` without augmentation."""
         r = self.records[index]
-        img = _load_png(r.image, "image", ("RGB", "L", "RGBA", "P"))
-        norm = _load_png(r.normal, "normal", ("RGB",))
+        img = load_image(r.image, "image", IMAGE_MODES)
+        norm = load_image(r.normal, "normal", ("RGB",))
         if img.size != norm.size:
             raise DatasetFileError(f"image {r.image} is {img.size[0]}x{img.size[1]} but normal {r.normal} is "
                                    f"{norm.size[0]}x{norm.size[1]}")
+        image = resize_rgb(img, self.size, self.resize)
         if self.resize == "public" and self.size is not None:
-            image = resize_linear(np.asarray(img.convert("RGB"), np.float32), self.size).astype(np.float32)
             rgb = np.asarray(norm)
             mask = resize_linear(np.any(rgb != 0, axis=-1)[..., None].astype(np.float64), self.size)[..., 0] > 1 - 1e-6
             normal = resize_linear(rgb.astype(np.float64) / 255.0 * 2.0 - 1.0, self.size)
             normal = np.where(mask[..., None], normal, 0.0).astype(np.float32)
         else:
-            image = np.asarray(_resize(img.convert("RGB"), self.size, Image.Resampling.BILINEAR), np.float32)
-            normal, mask = decode_normals(np.asarray(_resize(norm, self.size, Image.Resampling.NEAREST)))
+            normal, mask = decode_normals(np.asarray(resize_image(norm, self.size, Image.Resampling.NEAREST)))
         ex: dict[str, Any] = {
             keys.IMAGE: image / 127.5 - 1.0, keys.NORMAL: normal, keys.MASK: mask,
             keys.ID: np.int32(index), keys.CAPTION: self.caption(index),
@@ -247,20 +201,15 @@ class NyuNormals:
         if keys.DEPTH in self.extra_keys:
             ex[keys.DEPTH] = self._depth(r.sibling(*EXTRA_FILES[keys.DEPTH]), img.size)
         if keys.SEMSEG in self.extra_keys:
-            sem = _load_png(r.sibling(*EXTRA_FILES[keys.SEMSEG]), "semseg", ("L", "P"))
-            ex[keys.SEMSEG] = np.asarray(_resize(sem, self.size, Image.Resampling.NEAREST)).astype(np.int32)
+            sem = load_image(r.sibling(*EXTRA_FILES[keys.SEMSEG]), "semseg", ("L", "P"))
+            ex[keys.SEMSEG] = np.asarray(resize_image(sem, self.size, Image.Resampling.NEAREST)).astype(np.int32)
         return ex
 
     def _depth(self, path: Path, native: tuple[int, int]) -> np.ndarray:
-        if not path.is_file():
-            raise FileNotFoundError(f"depth file not found: {path}")
-        try:
-            depth = np.load(path)
-        except (OSError, ValueError) as e:
-            raise DatasetFileError(f"cannot read depth file {path}: {e}") from e
+        depth = load_npy(path, "depth")
         if depth.shape != (native[1], native[0]):
             raise DatasetFileError(f"depth file {path} has shape {depth.shape}, expected {(native[1], native[0])}")
-        im = _resize(Image.fromarray(depth.astype(np.float32)), self.size, Image.Resampling.NEAREST)
+        im = resize_image(Image.fromarray(depth.astype(np.float32)), self.size, Image.Resampling.NEAREST)
         return np.asarray(im, np.float32)
 
     def __getitem__(self, index: int) -> dict[str, Any]:

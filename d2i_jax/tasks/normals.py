@@ -16,7 +16,7 @@ from PIL import Image
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_png_atomically
-from d2i_jax.data.nyu import _load_png as load_image  # TODO(readers merge): d2i_jax.data.files.load_image
+from d2i_jax.data.files import load_image
 from d2i_jax.data.nyu import decode_normals
 from d2i_jax.losses import NORMAL_LOSSES, UNCERTAINTY_GUIDED
 from d2i_jax.metrics import DEGREES_PER_RADIAN, PUBLIC_DEGREES_PER_RADIAN, NormalErrorAccumulator

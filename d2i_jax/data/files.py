@@ -1,0 +1,162 @@
+"""Decoding the files of dataset readers: images, `.npy` arrays, normal maps and resizing, shared by every reader.
+
+Every failure names the file: a missing one raises `FileNotFoundError`, an unreadable or malformed one
+`DatasetFileError`; both are `OSError`s and carry the path in `.path` as well (not `.filename`, which would change
+their message), so `d2i_jax.data.robust` can report and skip them alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from d2i_jax.data import keys
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_MODES = ("RGB", "L", "RGBA", "P")  # PIL modes of photos; read as RGB
+UNKNOWN_IDS = ("raise", "ignore")
+
+
+class DatasetFileError(OSError):
+    """A dataset file exists but cannot be decoded, or does not have the expected shape / mode / values."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+
+    def __reduce__(self):  # keep the path when a worker process pickles the error
+        return type(self), (self.args[0], self.path)
+
+
+def not_found(message: str, path: Path) -> FileNotFoundError:
+    """A `FileNotFoundError` with `message` and the missing `path` in `.path`."""
+    error = FileNotFoundError(message)
+    error.path = str(path)
+    return error
+
+
+def missing(path: Path, what: str) -> FileNotFoundError:
+    """The error for a missing `what` file."""
+    return not_found(f"{what} file not found: {path}", path)
+
+
+def load_image(path: Path, what: str, modes: Sequence[str]) -> Image.Image:
+    """Open and fully decode an image whose PIL mode is one of `modes`; errors name `path`."""
+    if not path.is_file():
+        raise missing(path, what)
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's decoders raise all three
+        raise DatasetFileError(f"cannot decode {what} file {path}: {e}", path) from e
+    if im.mode not in modes:
+        raise DatasetFileError(f"{what} file {path} has mode {im.mode}, expected one of {tuple(modes)}", path)
+    return im
+
+
+def load_npy(path: Path, what: str) -> np.ndarray:
+    """Read a `.npy` array (no pickles); errors name `path`."""
+    if not path.is_file():
+        raise missing(path, what)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # bad magic / header, truncated data
+        raise DatasetFileError(f"cannot read {what} file {path}: {e}", path) from e
+    if not isinstance(array, np.ndarray):  # a .npz archive under a .npy name
+        raise DatasetFileError(f"{what} file {path} holds {type(array).__name__}, expected one .npy array", path)
+    return array
+
+
+def load_class_ids(path: Path, what: str, num_classes: int, unknown_ids: str = "raise") -> np.ndarray:
+    """A single-channel label PNG with 0 = void / "other" and 1..num_classes the classes, as int32 classes
+    0..num_classes - 1 and void -> `keys.IGNORE_INDEX` (mmseg's `reduce_zero_label`). An id above num_classes
+    means a broken or foreign file: `unknown_ids="raise"` raises `DatasetFileError` naming the file and the ids,
+    "ignore" maps them to `keys.IGNORE_INDEX` too (mmseg would make id k class k - 1, outside the classes)."""
+    ids = np.asarray(load_image(path, what, ("L", "P")), np.int32)  # "P": the palette index is the id
+    unknown = ids > num_classes
+    if unknown.any() and unknown_ids == "raise":
+        raise DatasetFileError(f"{what} file {path} has ids {np.unique(ids[unknown]).tolist()[:10]} above "
+                               f"{num_classes} (the number of classes)", path)
+    return np.where((ids == 0) | unknown, keys.IGNORE_INDEX, ids - 1).astype(np.int32)
+
+
+def read_caption(path: Path, fallback: str) -> str:
+    """A caption file's text (stripped), or `fallback` where the example has none."""
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else fallback
+
+
+def check_shape(array: np.ndarray, shape: tuple[int, ...], path: Path, what: str) -> None:
+    """Raise `DatasetFileError` naming `path` unless `array.shape == shape`."""
+    if array.shape != shape:
+        raise DatasetFileError(f"{what} file {path} has shape {array.shape}, expected {shape}", path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resizing (size = (H, W); None keeps the size on disk)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resize_image(im: Image.Image, size: tuple[int, int] | None, resample: Image.Resampling) -> Image.Image:
+    """PIL resize to `size`, a no-op when it already has that size."""
+    if size is None or im.size == (size[1], size[0]):
+        return im
+    return im.resize((size[1], size[0]), resample)
+
+
+def resize_linear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of `[H, W, ...]` to `size` without antialiasing, as `cv2.resize(INTER_LINEAR)` (the public
+    code's loader): source position (i + 0.5) * in / out - 0.5, clamped at the borders. Two gathers per axis, so it
+    costs milliseconds in a loader worker (PIL's bilinear antialiases when shrinking; cv2 is no dependency here)."""
+    for axis, n_out in enumerate(size):
+        n_in = x.shape[axis]
+        if n_in == n_out:
+            continue
+        pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(np.int64)
+        t = (pos - lo).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+        x = np.take(x, lo, axis) * (1 - t) + np.take(x, np.minimum(lo + 1, n_in - 1), axis) * t
+    return x
+
+
+def resize_nearest(x: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Nearest-neighbour resize of `[H, W, ...]` (labels of any dtype and channel count): output pixel i takes
+    source pixel floor((i + 0.5) * in / out), the same index for every label of an example, so holes stay aligned."""
+    if size is None:
+        return x
+    for axis, n_out in enumerate(size):
+        n_in = x.shape[axis]
+        if n_in != n_out:
+            x = np.take(x, np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1), axis)
+    return x
+
+
+RESIZES = ("pil", "public")
+
+
+def resize_rgb(im: Image.Image, size: tuple[int, int] | None, resize: str) -> np.ndarray:
+    """An image as float32 RGB in [0, 255] at `size`: bilinear, antialiased when shrinking ("pil") or not
+    ("public": `resize_linear`, as the public code's cv2 loader)."""
+    rgb = im.convert("RGB")
+    if resize == "public" and size is not None:
+        return resize_linear(np.asarray(rgb, np.float32), size).astype(np.float32)
+    return np.asarray(resize_image(rgb, size, Image.Resampling.BILINEAR), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normals
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def unit_normals(n: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """float32 unit normals where `mask`, zero elsewhere (stored normals are only nearly unit after quantisation)."""
+    norm = np.linalg.norm(n, axis=-1, keepdims=True)
+    return np.where(mask[..., None], n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
+
+
+def decode_normals(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [H, W, 3] PNG pixels -> (unit normals float32, zero where invalid; valid mask = pixel not (0, 0, 0))."""
+    mask = np.any(rgb != 0, axis=-1)
+    return unit_normals(rgb.astype(np.float32) / 255.0 * 2.0 - 1.0, mask), mask
