@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     # map, mask kept where the resized mask stays 1; "pil": antialiased image, nearest normals and mask
     c.data.fallback_caption = ""  # for images without caption/NNNNNN.txt
     c.data.num_workers = 0
+    c.data.on_bad_file = "raise"  # a missing / corrupt file ends the run naming it; "skip": leave it out, logged and
+    # recorded in metrics.jsonl
+    c.data.check_files = False  # True: decode every file once before training (a progress bar), to fail early
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.hflip = False  # public code: no augmentation (Bae's recipe: hflip with n_x negated)
     c.data.augment.color_jitter = 0.0  # Bae's recipe: 0.2

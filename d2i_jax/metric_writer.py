@@ -37,6 +37,13 @@ class MetricWriter:
         for k, v in values.items():
             self._tb.add_scalar(f"{stage}/{k}", v, int(step))
 
+    def event(self, stage: str, kind: str, **fields: str | int | float) -> None:
+        """A non-scalar record (e.g. a skipped bad file: `kind="bad_file"`, its path and error) in `metrics.jsonl`."""
+        if not self._enabled:
+            return
+        self._jsonl.write(json.dumps({"stage": stage, "event": kind, "time": time.time(), **fields}) + "\n")
+        self._jsonl.flush()
+
     def flush(self) -> None:
         if self._enabled:
             self._jsonl.flush()

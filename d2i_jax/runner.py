@@ -25,6 +25,7 @@ from d2i_jax import stages
 from d2i_jax.data import get_source
 from d2i_jax.data.nyu import Augment, augment
 from d2i_jax.data.pipeline import RandomAccessSource
+from d2i_jax.data.robust import ON_BAD_FILE, SkipBadFiles, Without, check_files
 from d2i_jax.diffusion.schedule import NoiseSchedule
 from d2i_jax.distributed import process_zero_writes
 from d2i_jax.metric_writer import MetricWriter
@@ -186,12 +187,35 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ data
 
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - one Run per process; a few (split, size) pairs
     def source(self, split: str, *, native_size: bool = False) -> RandomAccessSource:
         """The dataset plug-in `config.data.name`'s split, with the task's labels, at the training resolution (or as
-        stored, for evaluation)."""
+        stored, for evaluation), guarded against bad files by `config.data.on_bad_file` / `check_files`."""
         cfg = self.config.data
-        return get_source(cfg, split, size=None if native_size else tuple(cfg.image_size),
-                          label_keys=self.task.label_keys, workdir=self.workdir, seed=self.config.seed)
+        source = get_source(cfg, split, size=None if native_size else tuple(cfg.image_size),
+                            label_keys=self.task.label_keys, workdir=self.workdir, seed=self.config.seed)
+        return self._guarded(source, f"{cfg.name}/{split}")
+
+    def _guarded(self, source: RandomAccessSource, name: str) -> RandomAccessSource:
+        """`config.data.check_files`: decode every file once up front (progress bar), so a broken dataset fails in
+        minutes rather than hours into training; `on_bad_file = "skip"`: leave bad files out (those found up front)
+        or replace them by the next readable example (those found later), each logged and recorded in
+        `metrics.jsonl`; "raise": the first bad file ends the run with its name."""
+        cfg = self.config.data
+        if cfg.on_bad_file not in ON_BAD_FILE:
+            raise ValueError(f"config.data.on_bad_file must be one of {ON_BAD_FILE}, got {cfg.on_bad_file!r}")
+
+        def record(message: str) -> None:
+            print(f"[data] {name}: {message}")
+            self.writer.event("data", "bad_file", source=name, error=message)
+
+        if cfg.check_files:
+            bad = check_files(source, f"checking {name}", on_bad_file=cfg.on_bad_file)
+            for index, message in bad:
+                record(f"example {index} left out: {message}")
+            if bad:
+                source = Without(source, [index for index, _ in bad])
+        return SkipBadFiles(source, "skip", log=record) if cfg.on_bad_file == "skip" else source
 
     def augmentation(self) -> Any:
         """`fn(example, rng)` for the loader (hflip with n_x negated, colour jitter), or None (public code: off)."""

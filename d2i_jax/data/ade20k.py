@@ -9,9 +9,11 @@ ade20k_vpd.py`) uses; `CLASSES` and `PALETTE` are mmseg's `ADE20KDataset` lists,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from d2i_jax.data import keys
@@ -139,3 +141,14 @@ class Ade20k:
             keys.ID: np.int32(index),
             keys.CAPTION: self.fallback_caption,
         }
+
+
+def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
+                label_keys: Sequence[str], workdir: Path, seed: int = 0) -> Ade20k:
+    """`config.data.name = "ade20k"`: `ADEChallengeData2016` under `config.root` (splits "training" /
+    "validation"); `config.unknown_ids` ("raise" | "ignore") decides what an id above 150 does."""
+    del workdir, seed, label_keys  # segmentation only
+    if not config.root:
+        raise ValueError("config.data.root is empty: give the folder holding ADEChallengeData2016")
+    return Ade20k(config.root, split, size=size, fallback_caption=config.fallback_caption,
+                  unknown_ids=config.get("unknown_ids", "raise"))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from d2i_jax.data import keys
@@ -144,3 +145,13 @@ class NyudMT:
             normal, mask = load_normals(files[keys.NORMAL], shape)
             ex[keys.NORMAL], ex[keys.MASK] = resize_nearest(normal, self.size), resize_nearest(mask, self.size)
         return ex
+
+
+def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
+                label_keys: Sequence[str], workdir: Path, seed: int = 0) -> NyudMT:
+    """`config.data.name = "nyud_mt"`: the NYUD-MT folder `config.root` (splits "train" / "val")."""
+    del workdir, seed
+    if not config.root:
+        raise ValueError("config.data.root is empty: give the NYUD-MT folder (images/, depth/, gt_sets/, ...)")
+    return NyudMT(config.root, split, size=size, label_keys=label_keys, fallback_caption=config.fallback_caption,
+                  resize=config.resize)
