@@ -1,5 +1,14 @@
 """Evaluation metrics, one submodule per task; every public name is re-exported here."""
 
+from d2i_jax.metrics.depth import (
+    DELTA_BASE,
+    DEPTH_METRIC_KEYS,
+    REDUCTIONS,
+    DepthErrorAccumulator,
+    depth_error_stats,
+    depth_errors,
+    eigen_crop,
+)
 from d2i_jax.metrics.normals import (
     DEFAULT_BIN_WIDTH,
     DEGREES_PER_RADIAN,
@@ -17,12 +26,19 @@ from d2i_jax.metrics.normals import (
 __all__ = [
     "DEFAULT_BIN_WIDTH",
     "DEGREES_PER_RADIAN",
+    "DELTA_BASE",
+    "DEPTH_METRIC_KEYS",
     "METRIC_KEYS",
     "PCT_KEYS",
     "PUBLIC_DEGREES_PER_RADIAN",
+    "REDUCTIONS",
     "THRESHOLDS_DEG",
+    "DepthErrorAccumulator",
     "NormalErrorAccumulator",
     "angular_error_deg",
+    "depth_error_stats",
+    "depth_errors",
+    "eigen_crop",
     "normal_error_stats",
     "normal_errors",
     "valid_normal_mask",
