@@ -10,10 +10,14 @@ import pytest
 from d2i_jax.metrics import (
     DEPTH_METRIC_KEYS,
     METRIC_KEYS,
+    ConfusionMatrixAccumulator,
     DepthErrorAccumulator,
     NormalErrorAccumulator,
+    confusion_matrix,
+    confusion_stats,
     depth_errors,
     eigen_crop,
+    mean_iou,
     normal_errors,
 )
 
@@ -255,3 +259,85 @@ def test_depth_empty_gives_nan():
         acc = DepthErrorAccumulator(reduction=reduction)
         acc.update(gt + 1, gt)
         assert all(np.isnan(v) for v in acc.result().values())
+
+
+# Segmentation: mmseg's `intersect_and_union` (torch.histc over [0, C)) in NumPy.
+
+
+def _np_mmseg(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> dict:
+    keep = gt != ignore_index
+    p, g = pred[keep], gt[keep]
+
+    def hist(x: np.ndarray) -> np.ndarray:
+        return np.bincount(x[(x >= 0) & (x < num_classes)], minlength=num_classes)
+
+    inter, area_pred, area_gt = hist(p[p == g]), hist(p), hist(g)
+    union = area_pred + area_gt - inter
+    iou = np.array([i / u if u else np.nan for i, u in zip(inter, union, strict=True)])
+    return {"iou": iou, "miou": np.mean(iou[~np.isnan(iou)]), "pixel_acc": inter.sum() / area_gt.sum()}
+
+
+def _assert_seg(ours: dict, expected: dict) -> None:
+    np.testing.assert_allclose(ours["iou"], expected["iou"], rtol=1e-12)  # NaN where NaN
+    np.testing.assert_allclose([ours["miou"], ours["pixel_acc"]], [expected["miou"], expected["pixel_acc"]], rtol=1e-12)
+
+
+def test_segmentation_hand_computed_case():
+    gt = np.array([[0, 0, 1], [1, 255, 0]])
+    pred = np.array([[0, 1, 1], [2, 0, 0]])  # class 2 only predicted, class 3 nowhere, the ignored pixel says 0
+    np.testing.assert_array_equal(confusion_matrix(pred, gt, 4), [[2, 1, 0, 0], [0, 1, 1, 0], [0] * 4, [0] * 4])
+    ours = mean_iou(pred, gt, 4)
+    expected = {"iou": np.array([2 / 3, 1 / 3, 0.0, np.nan]), "miou": 1 / 3, "pixel_acc": 3 / 5}
+    _assert_seg(ours, expected)
+    np.testing.assert_allclose(ours["acc"], [2 / 3, 1 / 2, np.nan, np.nan])
+    _assert_seg(ours, _np_mmseg(pred, gt, 4))
+
+
+def _seg_set(seed: int, shape: tuple[int, ...], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """GT over classes 0..C-2 (the last class absent) with ignored pixels; predictions right 60 % of the time,
+    else any of 0..C-2 or out of range (-1, C)."""
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, num_classes - 1, shape)
+    gt[rng.random(shape) < 0.1] = 255
+    pred = np.where(rng.random(shape) < 0.6, gt, rng.integers(0, num_classes - 1, shape))
+    pred[rng.random(shape) < 0.03] = -1
+    pred[rng.random(shape) < 0.03] = num_classes
+    return pred.astype(np.int32), gt.astype(np.uint8)
+
+
+def test_segmentation_matches_mmseg_numpy_and_accumulates():
+    pred, gt = _seg_set(0, (5, 16, 20), num_classes=6)
+    expected = _np_mmseg(pred, gt, 6)
+    assert np.isnan(expected["iou"][5]) and (pred == -1).any() and ((gt == 255) & (pred >= 0)).any()
+    one_shot = mean_iou(pred, gt, 6)
+    _assert_seg(one_shot, expected)
+    acc = ConfusionMatrixAccumulator(6)
+    for lo, hi in ((0, 1), (1, 4), (4, 5)):
+        acc.update(pred[lo:hi], gt[lo:hi])
+    assert acc.matrix.dtype == np.int64
+    np.testing.assert_array_equal(acc.matrix, confusion_matrix(pred, gt, 6))
+    _assert_seg(acc.result(), expected)
+
+
+def test_segmentation_counts_do_not_overflow_int32():
+    c, big = 3, np.iinfo(np.int32).max
+    acc = ConfusionMatrixAccumulator(c)
+    for _ in range(3):  # e.g. per-batch int32 stats already summed across devices
+        acc.add_stats({"matrix": np.full((c, c + 1), big, np.int32), "unknown_gt": np.int32(0)})
+    np.testing.assert_array_equal(acc.matrix, np.full((c, c), 3 * big, np.int64))
+    out = acc.result()
+    # Each class: intersection n, GT area (c + 1) n (the last column: out-of-range predictions), predicted area c n.
+    np.testing.assert_allclose(out["iou"], np.full(c, 1 / (2 * c)), rtol=1e-12)
+    np.testing.assert_allclose([out["miou"], out["pixel_acc"]], [1 / (2 * c), 1 / (c + 1)], rtol=1e-12)
+
+
+def test_segmentation_rejects_unknown_gt_ids():
+    gt = np.array([[0, 1], [3, -1]])  # 3 >= num_classes, -1 is not the ignore index
+    pred = np.zeros_like(gt)
+    stats = confusion_stats(pred, gt, 3)
+    assert int(stats["unknown_gt"]) == 2 and int(np.sum(stats["matrix"])) == 2
+    with pytest.raises(ValueError, match=r"2 ground-truth pixels hold ids outside \[0, 3\)"):
+        mean_iou(pred, gt, 3)
+    acc = ConfusionMatrixAccumulator(3, ignore_index=-1)  # -1 ignored now, 3 still unknown
+    with pytest.raises(ValueError, match="1 ground-truth pixels"):
+        acc.update(pred, gt)

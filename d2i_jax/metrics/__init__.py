@@ -22,6 +22,7 @@ from d2i_jax.metrics.normals import (
     normal_errors,
     valid_normal_mask,
 )
+from d2i_jax.metrics.segmentation import ConfusionMatrixAccumulator, confusion_matrix, confusion_stats, mean_iou
 
 __all__ = [
     "DEFAULT_BIN_WIDTH",
@@ -33,12 +34,16 @@ __all__ = [
     "PUBLIC_DEGREES_PER_RADIAN",
     "REDUCTIONS",
     "THRESHOLDS_DEG",
+    "ConfusionMatrixAccumulator",
     "DepthErrorAccumulator",
     "NormalErrorAccumulator",
     "angular_error_deg",
+    "confusion_matrix",
+    "confusion_stats",
     "depth_error_stats",
     "depth_errors",
     "eigen_crop",
+    "mean_iou",
     "normal_error_stats",
     "normal_errors",
     "valid_normal_mask",
