@@ -1,0 +1,101 @@
+"""Depth and segmentation through every stage (warm-up -> create -> self-improve -> evaluate) on a micro setting:
+a 16-channel random SD, four procedural rooms, one DDIM step; what each stage writes, in the task's formats."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from configs import demo_depth, demo_seg
+from d2i_jax import runner
+from d2i_jax.data import keys
+from d2i_jax.models.random_sd import write_random_sd
+from d2i_jax.training.steps import Steps
+from tests import tiny_pipeline
+
+STAGES = ("warmup", "create", "self_improve", "evaluate")
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    return str(write_random_sd(tmp_path_factory.mktemp("sd"), unet=tiny_pipeline.UNET, vae=tiny_pipeline.VAE))
+
+
+def micro(config, sd_path):
+    c = config.get_config()
+    c.sd_path = sd_path
+    c.stages = STAGES
+    c.data.image_size = (64, 64)
+    c.data.scenes.num_train, c.data.scenes.num_test, c.data.scenes.size = 4, 2, (48, 64)
+    c.fusion.reduce_channels, c.fusion.deconv_channels = (16, 16, 8, 8), (8, 8)
+    c.task.head.decoder_channels = (16, 8, 8, 8)
+    c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 4, 1, 0
+    c.warmup.epochs = c.self_improve.epochs = 1
+    c.self_improve.ema_every_samples = 4
+    c.create.num_steps = 1
+    c.create.batch_size = c.evaluate.batch_size = 4
+    c.model.cache_latents = False
+    return c
+
+
+@pytest.mark.parametrize("config, label", [(demo_depth, "npy"), (demo_seg, "png")], ids=["depth", "segmentation"])
+def test_task_runs_every_stage(config, label, sd_path, tmp_path):
+    r = runner.run(micro(config, sd_path), tmp_path)
+    for stage in STAGES:
+        assert (tmp_path / stage / "DONE").exists(), stage
+    labels = sorted((tmp_path / "create" / "label").glob(f"*.{label}"))
+    assert [p.stem for p in labels] == [f"{i:06d}" for i in range(4)]
+    example = r.task.read_label(labels[0], (64, 64))
+    if label == "npy":  # metres, every pixel valid, plus a colour picture beside it
+        assert example[keys.DEPTH].shape == (64, 64) and (example[keys.DEPTH] > 0).all()
+        assert (example[keys.DEPTH] < r.task.max_depth).all()
+        assert (tmp_path / "create" / "label" / "000000_color.png").exists()
+    else:  # a palette PNG of class ids
+        assert Image.open(labels[0]).mode == "P"
+        assert example[keys.SEMSEG].max() < r.task.num_classes
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == {"untrained", "theta_W", "theta_C"}
+    for m in metrics.values():
+        for key, _ in r.task.metric_columns:
+            assert m[key] is not None and np.isfinite(m[key]), (key, m)
+    assert (tmp_path / "evaluate" / "predictions.png").stat().st_size > 0
+    assert len(list((tmp_path / "self_improve" / "model").iterdir())) > 0
+
+
+@pytest.mark.parametrize("config", [demo_depth, demo_seg], ids=["depth", "segmentation"])
+def test_theta_c_labels_are_its_prediction_under_stop_gradient(config, sd_path, tmp_path):
+    """The synthetic rows' targets are theta_C's pseudo-labels, and no gradient flows from them into theta_C."""
+    c = micro(config, sd_path)
+    c.self_improve.label_mode = "eval"
+    r = runner.Run(c, tmp_path)
+    params, stats = r.init_model()
+    state = r.train_state(params, stats, optax.sgd(0.1), seed_offset=0)
+    steps = Steps(r.perceiver, r.task, optax.sgd(0.1), label_mode="eval")
+    source = r.source("train")
+    batch = {k: jnp.stack([jnp.asarray(source[i][k]) for i in range(2)]) for k in (keys.IMAGE, *r.task.label_keys)}
+    batch[keys.SYNTHETIC] = jnp.asarray([False, True])
+    context = jnp.asarray(r.contexts(["", ""]))
+    rng = jax.random.key(0)
+
+    def labels_of(ema_params):
+        return steps.labels(state.replace(ema_params=ema_params), r.frozen, batch, context, rng)
+
+    labels = labels_of(state.ema_params)
+    feats = r.perceiver.block_outputs(state.ema_params, r.frozen, batch[keys.IMAGE], context, rng)
+    out, _ = r.perceiver.head(state.ema_params, state.ema_batch_stats, feats, (64, 64), train=False)
+    pseudo = r.task.pseudo_labels(r.task.prediction(out))
+    for k in r.task.label_keys:
+        np.testing.assert_array_equal(np.asarray(labels[k][0]), np.asarray(batch[k][0]))  # real: ground truth
+        np.testing.assert_allclose(np.asarray(labels[k][1]), np.asarray(pseudo[k][1]), rtol=1e-5, atol=1e-5)
+    key = r.task.label_keys[0]
+    grads = jax.grad(lambda p: jnp.sum(labels_of(p)[key].astype(jnp.float32)))(state.ema_params)
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
+    direct = jax.grad(lambda p: jnp.sum(r.task.prediction(r.perceiver.head(
+        p, state.ema_batch_stats, feats, (64, 64), train=False)[0])))(state.ema_params)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(direct))  # the gradient stop_gradient cuts
