@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2i_jax.depth_losses import cross_entropy_ignore, silog_loss
 from d2i_jax.perception.vpd import SemanticFPN, TextAdapter, VPDDepthDecoder, channel_dropout, resize_nearest
+from d2i_jax.vpd_losses import cross_entropy_ignore, silog_loss
 from tests import public_vpd as public
 from weights_conversion import vpd as convert
 from weights_conversion.torch_to_flax import ConversionError

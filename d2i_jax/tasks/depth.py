@@ -2,9 +2,9 @@
 (Eigen et al. / VPD's SiLog), RMSE / AbsRel / delta metrics.
 
 `config.task` fields: `max_depth` (10 m on NYUv2), `min_depth` (evaluation floor, 1e-3), `silog_lambda` (VPD:
-0.85) and `silog_scale` (VPD: 10), the evaluation's `eigen_crop` and `reduction` ("pooled": over all valid pixels of
-all images, the NYUD-MT multi-task convention; "per_image": the NYUv2 single-task convention), and `head` (the
-`SkipDecoderHead` fields).
+0.5) and `silog_scale` (VPD: 1; BTS / AdaBins use 0.85 and 10), the evaluation's `eigen_crop` and `reduction`
+("pooled": over all valid pixels of all images, the NYUD-MT multi-task convention; "per_image": the NYUv2
+single-task convention of VPD / BTS), and `head` (the `SkipDecoderHead` fields).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from PIL import Image
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_npy_atomically, write_png_atomically
-from d2i_jax.losses import silog_loss
 from d2i_jax.metrics import DepthErrorAccumulator
 from d2i_jax.perception.skip_decoder import SkipDecoderHead
 from d2i_jax.tasks.base import task_fields
+from d2i_jax.vpd_losses import silog_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +36,8 @@ class DepthTask:
 
     max_depth: float = 10.0
     min_depth: float = 1e-3
-    silog_lambda: float = 0.85
-    silog_scale: float = 10.0
+    silog_lambda: float = 0.5
+    silog_scale: float = 1.0
     eigen_crop: bool = False
     reduction: str = "pooled"
     head: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,7 +1,9 @@
 """Semantic segmentation: per-pixel class logits, cross-entropy with an ignore index, mIoU from one confusion
 matrix pooled over the split.
 
-`config.task` fields: `num_classes`, `ignore_index` (255), `pseudo_label_threshold` (theta_C's labels of synthetic
+`config.task` fields: `num_classes`, `ignore_index` (255), `avg_non_ignore` (False: the cross-entropy is averaged
+over all pixels, ignored ones counting 0, as VPD's mmseg 0.x config; True: over the labelled pixels, as torch's
+`CrossEntropyLoss(ignore_index)`), `pseudo_label_threshold` (theta_C's labels of synthetic
 images: the argmax class where its softmax probability reaches the threshold, else ignore; 0 labels every pixel),
 `class_names` (for pictures and the per-class table in `metrics.json`) and `head` (`SkipDecoderHead` fields).
 """
@@ -24,10 +26,10 @@ from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_png_atomically
 from d2i_jax.data.files import load_image
-from d2i_jax.losses import cross_entropy_ignore
 from d2i_jax.metrics import ConfusionMatrixAccumulator
 from d2i_jax.perception.skip_decoder import SkipDecoderHead
 from d2i_jax.tasks.base import task_fields
+from d2i_jax.vpd_losses import cross_entropy_ignore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,7 @@ class SegmentationTask:
 
     num_classes: int = 150
     ignore_index: int = keys.IGNORE_INDEX
+    avg_non_ignore: bool = False
     pseudo_label_threshold: float = 0.0
     class_names: Sequence[str] = ()
     head: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -65,7 +68,8 @@ class SegmentationTask:
         return outputs.astype(jnp.float32)
 
     def loss_fn(self, outputs: jax.Array, labels: Mapping[str, jax.Array]) -> jax.Array:
-        return cross_entropy_ignore(outputs.astype(jnp.float32), labels[keys.SEMSEG], self.ignore_index)
+        return cross_entropy_ignore(outputs.astype(jnp.float32), labels[keys.SEMSEG], self.ignore_index,
+                                    avg_non_ignore=self.avg_non_ignore)
 
     def pseudo_labels(self, prediction: jax.Array) -> dict[str, jax.Array]:
         """Argmax classes; below `pseudo_label_threshold` confidence, ignore."""
