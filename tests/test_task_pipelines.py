@@ -15,7 +15,7 @@ from PIL import Image
 from configs import demo_depth, demo_seg
 from d2i_jax import runner
 from d2i_jax.data import keys
-from d2i_jax.models.random_sd import write_random_sd
+from d2i_jax.models.random_sd import TINY_TEXT_ENCODER, write_random_sd
 from d2i_jax.training.steps import Steps
 from tests import tiny_pipeline
 
@@ -24,7 +24,9 @@ STAGES = ("warmup", "create", "self_improve", "evaluate")
 
 @pytest.fixture(scope="module")
 def sd_path(tmp_path_factory):
-    return str(write_random_sd(tmp_path_factory.mktemp("sd"), unet=tiny_pipeline.UNET, vae=tiny_pipeline.VAE))
+    text = {**TINY_TEXT_ENCODER, "hidden_size": tiny_pipeline.UNET["cross_attention_dim"], "intermediate_size": 32}
+    return str(write_random_sd(tmp_path_factory.mktemp("sd"), unet=tiny_pipeline.UNET, vae=tiny_pipeline.VAE,
+                               text_encoder=text))
 
 
 def micro(config, sd_path):

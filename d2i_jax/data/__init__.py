@@ -10,7 +10,7 @@ from d2i_jax.data import keys
 from d2i_jax.data.ade20k import Ade20k
 from d2i_jax.data.nyu import Augment, DatasetFileError, NyuNormals, augment, decode_normals, list_examples
 from d2i_jax.data.nyud_mt import NyudMT
-from d2i_jax.data.pipeline import RandomAccessSource, collate, make_loader
+from d2i_jax.data.pipeline import KeepKeys, RandomAccessSource, collate, make_loader
 from d2i_jax.data.robust import SkipBadFiles, Without, check_files
 from d2i_jax.data.scenes import (
     Rendering,
@@ -27,6 +27,7 @@ __all__ = [
     "Ade20k",
     "Augment",
     "DatasetFileError",
+    "KeepKeys",
     "NyuNormals",
     "NyudMT",
     "Rendering",
@@ -56,4 +57,5 @@ def get_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int
     """The dataset `config.name` (`config`: the `config.data` section; a module `d2i_jax.data.<name>` with
     `make_source`) as a random-access source of `split` at `size` (None: as stored) with `label_keys`."""
     make = plugins.load(__name__, config.name, "make_source", what="config.data.name")
-    return make(config, split, size=size, label_keys=tuple(label_keys), workdir=Path(workdir), seed=seed)
+    source = make(config, split, size=size, label_keys=tuple(label_keys), workdir=Path(workdir), seed=seed)
+    return KeepKeys(source, (keys.IMAGE, keys.ID, keys.CAPTION, *label_keys))

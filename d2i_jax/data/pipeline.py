@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from absl import flags
 
+from d2i_jax.data.fingerprint import combined
+
 
 class RandomAccessSource(Protocol):
     """What `grain.MapDataset.source` accepts: a length and integer indexing."""
@@ -23,6 +25,26 @@ class RandomAccessSource(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> Any: ...
+
+
+class KeepKeys:
+    """`source` with only `keep` of each example's keys (a reader may decode more labels than the task uses; mixed
+    sources must agree on their keys to batch together)."""
+
+    def __init__(self, source: RandomAccessSource, keep: Sequence[str]):
+        self.source, self.keep = source, tuple(keep)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __repr__(self) -> str:
+        return repr(self.source)
+
+    def fingerprint(self) -> str | None:
+        return combined("KeepKeys", self.keep, sources=[self.source])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {k: v for k, v in self.source[index].items() if k in self.keep}
 
 
 def collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
