@@ -108,6 +108,35 @@ def semseg_to_rgb(ids: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     return np.where(valid[..., None], rgb, 0).astype(np.uint8)
 
 
+def _text_cell(text: str, size: tuple[int, int], swatch: np.ndarray | None = None) -> np.ndarray:
+    """A black `size` (H, W) cell with `text` in white, after a colour swatch if given."""
+    im = Image.new("RGB", (size[1], size[0]))
+    draw = ImageDraw.Draw(im)
+    x = 2
+    if swatch is not None:
+        draw.rectangle([2, 2, size[0] - 3, size[0] - 3], fill=tuple(int(v) for v in swatch))
+        x = size[0] + 2
+    draw.text((x, max(0, (size[0] - 11) // 2)), text, fill=(255, 255, 255), font=ImageFont.load_default())
+    return np.asarray(im)
+
+
+def class_legend(names: Sequence[str], *, columns: int = 4, cell: tuple[int, int] = (16, 120)) -> np.ndarray:
+    """uint8 legend of `semseg_to_rgb`'s colours: a swatch and the name of each class, `columns` per row."""
+    cells = [_text_cell(f"{k} {name.strip()}", cell, SEG_PALETTE[k]) for k, name in enumerate(names)]
+    cells += [np.zeros((*cell, 3), np.uint8)] * (-len(cells) % columns)
+    return np.concatenate([np.concatenate(cells[i:i + columns], axis=1) for i in range(0, len(cells), columns)])
+
+
+def colorbar(vmin: float, vmax: float, unit: str, *, reverse: bool = False, width: int = 256,
+             height: int = 12) -> np.ndarray:
+    """uint8 colour bar of `colorize` from `vmin` to `vmax` (with `reverse` as there), labelled at both ends."""
+    x = np.linspace(0, 1, width)
+    bar = np.repeat(VIRIDIS[np.round((1 - x if reverse else x) * 255).astype(np.int64)][None], height, axis=0)
+    ends = np.concatenate([_text_cell(f"{vmin:g} {unit}", (16, width // 2)),
+                           _text_cell(f"{vmax:g} {unit}", (16, width - width // 2))], axis=1)
+    return np.concatenate([bar, ends])
+
+
 def make_grid(
     rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None, *, pad: int = 4,
     label_height: int = 16,
@@ -140,10 +169,19 @@ def make_grid(
 
 
 def save_grid(
-    path: str | Path, rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None, *, pad: int = 4
+    path: str | Path, rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None, *, pad: int = 4,
+    footer: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Write `make_grid(rows, labels)` as a PNG at `path` (parent folders created) and return it."""
+    """Write `make_grid(rows, labels)` as a PNG at `path` (parent folders created) and return it; `footer` (e.g. a
+    task's legend or colour bar) goes below the grid, left-aligned."""
     grid = make_grid(rows, labels, pad=pad)
+    if footer is not None:  # the wider of the two sets the width
+        footer = np.asarray(footer, np.uint8)
+        width = max(grid.shape[1], footer.shape[1] + 2 * pad)
+        out = np.zeros((grid.shape[0] + footer.shape[0] + pad, width, 3), np.uint8)
+        out[: grid.shape[0], : grid.shape[1]] = grid
+        out[grid.shape[0] : grid.shape[0] + footer.shape[0], pad : pad + footer.shape[1]] = footer
+        grid = out
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)

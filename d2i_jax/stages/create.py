@@ -105,4 +105,5 @@ def run(r: Run) -> None:
         manifest.flush()
     if writer:
         manifest.close()
-        viz.save_grid(out / "samples.png", grid, ["real", "synthetic", *task.pictures(pred[0]).keys()])
+        viz.save_grid(out / "samples.png", grid, ["real", "synthetic", *task.pictures(pred[0]).keys()],
+                      footer=task.legend())

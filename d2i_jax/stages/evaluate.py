@@ -105,7 +105,7 @@ def run(r: Run) -> None:
     if jax.process_index() == 0:
         (r.workdir / "metrics.json").write_text(json.dumps(jax.tree.map(_jsonable, results), indent=2))
         labels = ["image", "ground truth", *shown, *(f"{e} ({extras_of})" for e in extra_names)]
-        viz.save_grid(r.stage_dir("evaluate") / "predictions.png", rows, labels)
+        viz.save_grid(r.stage_dir("evaluate") / "predictions.png", rows, labels, footer=task.legend())
     print(f"[evaluate] {len(source)} test images, {task.name} metrics pooled over the split:\n"
           f"{format_table(scalars, task.metric_columns)}")
 

@@ -50,7 +50,7 @@ def run(r: Run) -> None:
             rows = [[viz.image_to_uint8(examples[i][keys.IMAGE]), *row] for i, row in enumerate(rows)]
         labels = (["real"] if source_kind == "partial" else []) + ["generated RGB", *r.task.pictures(pred[0]).keys()]
         if jax.process_index() == 0:
-            viz.save_grid(out / f"{name}.png", rows, labels)
+            viz.save_grid(out / f"{name}.png", rows, labels, footer=r.task.legend())
     if jax.process_index() == 0:
         (out / "prompts.txt").write_text("\n".join(prompts))
     print(f"[generate] {n} pairs from noise and {n} from partial noise (labels by {stage}) in {out}")

@@ -100,6 +100,9 @@ class Task(Protocol):
     def label_picture(self, labels: Mapping[str, np.ndarray]) -> np.ndarray:
         """uint8 RGB picture of one example's ground truth."""
 
+    def legend(self) -> np.ndarray | None:
+        """uint8 RGB key to the pictures' colours (class swatches, a colour bar), drawn below picture grids."""
+
 
 def task_fields(cls: type, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """`config.task` as the keyword arguments of the dataclass task `cls` (`head` as a plain dict); any other key

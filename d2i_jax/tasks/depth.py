@@ -117,6 +117,9 @@ class DepthTask:
     def label_picture(self, labels: Mapping[str, np.ndarray]) -> np.ndarray:
         return viz.depth_to_rgb(labels[keys.DEPTH], vmin=0.0, vmax=self.max_depth)
 
+    def legend(self) -> np.ndarray:
+        return viz.colorbar(0.0, self.max_depth, "m", reverse=True)
+
 
 def make(config: ml_collections.ConfigDict) -> DepthTask:
     """`config.task` (the fields of `DepthTask`) -> the task."""

@@ -130,6 +130,11 @@ class NormalsTask:
     def label_picture(labels: Mapping[str, np.ndarray]) -> np.ndarray:
         return viz.normal_to_rgb(labels[keys.NORMAL], labels[keys.MASK])
 
+    @staticmethod
+    def legend() -> np.ndarray:
+        """Normals as RGB = (n + 1) / 2 (NYUv2 PNG encoding); the uncertainty's expected angular error scale."""
+        return viz.colorbar(0, 60, "° expected error (uncertainty)")
+
 
 def make(config: ml_collections.ConfigDict) -> NormalsTask:
     """`config.task` (`loss`, `head`) -> the task."""

@@ -120,6 +120,13 @@ class SegmentationTask:
     def label_picture(self, labels: Mapping[str, np.ndarray]) -> np.ndarray:
         return viz.semseg_to_rgb(labels[keys.SEMSEG], self.ignore_index)
 
+    def legend(self) -> np.ndarray:
+        """Class swatches (black: ignore); the confidence bar."""
+        names = self.class_names or [f"class {k}" for k in range(self.num_classes)]
+        classes = viz.class_legend(names)
+        bar = viz.colorbar(0, 1, "confidence")
+        return np.concatenate([classes, np.pad(bar, ((0, 0), (0, classes.shape[1] - bar.shape[1]), (0, 0)))])
+
 
 def make(config: ml_collections.ConfigDict) -> SegmentationTask:
     """`config.task` (the fields of `SegmentationTask`) -> the task."""
@@ -127,3 +134,4 @@ def make(config: ml_collections.ConfigDict) -> SegmentationTask:
     if "class_names" in fields:
         fields["class_names"] = tuple(fields["class_names"])
     return SegmentationTask(**fields)
+
