@@ -69,3 +69,18 @@ def test_save_grid_size(tmp_path):
     assert grid[:16].any()  # labels drawn
     unlabeled = viz.make_grid([[cell], [cell]], pad=2)
     assert unlabeled.shape == (2 * 10 + 3 * 2, 12 + 2 * 2, 3)
+
+
+def test_legends_show_the_pictures_colours_and_widen_the_grid(tmp_path):
+    legend = viz.class_legend(["floor", "wall", "box"], columns=2, cell=(16, 100))
+    assert legend.shape == (32, 200, 3)
+    for k, (y, x) in enumerate([(8, 8), (8, 108), (24, 8)]):  # each swatch in its class's palette colour
+        np.testing.assert_array_equal(legend[y, x], viz.SEG_PALETTE[k])
+    assert not legend[24, 108:].any()  # the empty fourth cell
+    bar = viz.colorbar(0, 10, "m", reverse=True, width=64)
+    np.testing.assert_array_equal(bar[0, 0], viz.VIRIDIS[255])  # reversed: near (bright) at the left
+    np.testing.assert_array_equal(bar[0, -1], viz.VIRIDIS[0])
+    grid = viz.make_grid([[np.full((8, 8, 3), 200, np.uint8)]], pad=2)
+    with_footer = viz.save_grid(tmp_path / "g.png", [[np.full((8, 8, 3), 200, np.uint8)]], pad=2, footer=legend)
+    assert with_footer.shape == (grid.shape[0] + legend.shape[0] + 2, legend.shape[1] + 4, 3)
+    np.testing.assert_array_equal(with_footer[grid.shape[0]:grid.shape[0] + 32, 2:202], legend)
