@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests are dominated by XLA's CPU compiles of tiny models: skip its backend optimisations (~40 % less CPU time, the
+# same numbers; read when the backend starts, so before any test computes). Subprocess tests inherit it.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
 import jax
 import pytest
 

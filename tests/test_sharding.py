@@ -37,7 +37,8 @@ def test_fsdp_spec_splits_largest_divisible_axis_of_large_arrays():
 
 
 def test_eight_device_train_step_equals_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
     # Refinement at every pixel (sampling ratio 1): which pixels Bae's sampling picks depends on a kappa ranking,
     # a discontinuous function of cross-device reduction order; everything else (UNet, fusion BatchNorm over the
     # global batch, head, loss, theta_C labelling, optimiser, EMA) is exercised and must agree.
