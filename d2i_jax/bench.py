@@ -42,7 +42,7 @@ from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.fusion import FeatureFusion
 from d2i_jax.perception.generation import PairGenerator
 from d2i_jax.perception.model import DensePredictor, Perceiver
-from d2i_jax.tasks import NormalsTask
+from d2i_jax.tasks.normals import NormalsTask
 from d2i_jax.training.state import TrainState
 from d2i_jax.training.steps import Steps, make_optimizer
 
