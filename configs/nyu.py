@@ -124,6 +124,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.evaluate.protocol = "public"  # public test.py / evaluation.py: 8-bit predictions, resizes without antialiasing,
     # degrees as 180 / 3.14; "exact": float predictions, antialiased resizes, 180 / pi
     c.evaluate.num_pictures = 8
+    c.evaluate.inference = "whole"  # each image resized to data.image_size, the prediction back to the label size
+    # (public code); "slide": mmseg's / VPD's ADE20K test, the image resized keeping its aspect ratio to fit
+    # evaluate.scale, data.image_size windows every evaluate.stride pixels (evaluate.batch_size windows per call),
+    # their predictions averaged and resized back to the label size
+    c.evaluate.scale = (2048, 512)  # "slide": the (long, short) sides the resized image fits, as mmseg's img_scale
+    c.evaluate.stride = (341, 341)  # "slide": (h, w) step between windows (VPD's test_cfg)
 
     c.generate = ml_collections.ConfigDict()
     c.generate.prompts = ()  # empty: the training captions
