@@ -71,8 +71,15 @@ def get_config() -> ml_collections.ConfigDict:
     # recorded in metrics.jsonl
     c.data.check_files = False  # True: decode every file once before training (a progress bar), to fail early
     c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.kind = "bae"  # the two keys below; "mmseg_seg": mmseg 0.x's / VPD's ADE20K training pipeline
+    # (`d2i_jax.data.seg_augment`: random keep-ratio resize, crop, flip, photometric distortion, pad; image and
+    # semseg only) with the four keys after them, the training split then read at its stored size
     c.data.augment.hflip = False  # public code: no augmentation (Bae's recipe: hflip with n_x negated)
     c.data.augment.color_jitter = 0.0  # Bae's recipe: 0.2
+    c.data.augment.scale = (2048, 512)  # "mmseg_seg": Resize img_scale (long, short), times a ratio drawn from
+    c.data.augment.ratio_range = (0.5, 2.0)  # ... this range
+    c.data.augment.crop_size = (512, 512)  # "mmseg_seg": RandomCrop / Pad size (h, w), normally data.image_size
+    c.data.augment.cat_max_ratio = 0.75  # "mmseg_seg": crops redrawn (10 tries) while one class covers this much
     c.data.scenes = ml_collections.ConfigDict()  # data.name = "scenes" only (procedural rooms, rendered once)
     c.data.scenes.num_train = 795
     c.data.scenes.num_test = 654

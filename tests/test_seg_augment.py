@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from configs import nyu
+from d2i_jax import runner
 from d2i_jax.data import keys
 from d2i_jax.data.seg_augment import (
     SegAugment,
@@ -169,3 +171,20 @@ def test_rejects_labels_it_does_not_transform():
     with pytest.raises(ValueError, match="image and semseg only"):
         augment({**colour_coded(64, 64), keys.DEPTH: np.zeros((64, 64), np.float32)}, np.random.default_rng(0))
 
+
+def test_run_reads_the_training_split_as_stored_and_augments_with_it(tmp_path, monkeypatch):
+    config = nyu.get_config()
+    config.data.augment.kind = "mmseg_seg"
+    r = runner.Run(config, tmp_path)
+    sizes = []
+    monkeypatch.setattr(runner, "get_source", lambda cfg, split, *, size, **kwargs: sizes.append(size) or [])
+    r.source("train", training=True)
+    r.source("train")
+    assert sizes == [None, (512, 512)]  # training as stored (the crop makes the size); create / generate resized
+    fn = r.augmentation()
+    assert fn.func is augment and fn.keywords["config"] == SegAugment()
+    config.data.augment.kind = "bae"
+    assert r.augmentation() is None  # hflip and colour jitter off
+    config.data.augment.kind = "mmseg"
+    with pytest.raises(ValueError, match=r"augment\.kind"):
+        r.augmentation()
