@@ -148,3 +148,25 @@ def test_pixel_row_pads_to_a_power_of_two_with_ignored_labels():
     assert pred.shape == (1, 1, 16, 2)
     np.testing.assert_array_equal(pred[0, 0, 14:], [[28, 29], [28, 29]])
     assert evaluate.pixel_row({"m": np.zeros((4, 4, 1))})["m"].shape == (1, 1, 16, 1)
+
+
+def test_slide_compiles_nothing_per_image_size(tmp_path, monkeypatch, caplog):
+    """After one slide evaluation, another over images of new sizes (whose pixel counts share a power of two)
+    compiles only the stage's fresh window function: no resize, stitch or metric is compiled per image size."""
+    monkeypatch.setattr(evaluate, "Steps", FakeSteps)
+    task = SegmentationTask(num_classes=3)
+    rng = np.random.default_rng(0)
+
+    def run(sizes, workdir):
+        examples = [{keys.IMAGE: rng.uniform(-1, 1, (h, w, 3)).astype(np.float32), keys.CAPTION: "",
+                     keys.ID: np.int32(i), keys.SEMSEG: rng.integers(0, 3, (h, w))} for i, (h, w) in enumerate(sizes)]
+        workdir.mkdir()
+        evaluate.run(fake_run(workdir, task, examples, "slide"))
+
+    run([(20, 30)] * 4, tmp_path / "a")
+    caplog.clear()
+    with jax.log_compiles():
+        run([(20, 31), (19, 33), (25, 25), (17, 36), (30, 20)], tmp_path / "b")
+    compiled = {m.split("Finished XLA compilation of ")[1].split(" in ")[0] for m in caplog.messages
+                if "Finished XLA compilation of" in m}
+    assert compiled == {"jit(predict)"}

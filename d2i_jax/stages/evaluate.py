@@ -147,11 +147,14 @@ def _slide(r: Run, steps: Steps) -> Infer:
     cfg, task = r.config.evaluate, r.task
     finish = jax.jit(task.resize_prediction, static_argnums=(1, 2))
 
+    pictured = 0  # examples whose finished prediction was brought back for the pictures
+
     @jax.jit
     def predict(models, frozen, rng, batch):
         return steps.predict(models, frozen, batch[keys.IMAGE], batch["context"], rng)
 
     def infer(models, examples):
+        nonlocal pictured
         captions = [e[keys.CAPTION] for e in examples]
 
         def windows(pixels: np.ndarray, owners: np.ndarray) -> dict[str, np.ndarray]:
@@ -165,11 +168,13 @@ def _slide(r: Run, steps: Steps) -> Infer:
         for k, e in enumerate(examples):
             labels = pixel_row({x: e[x] for x in task.label_keys}, task.empty_labels)
             length = next(iter(labels.values())).shape[2]
-            preds = {}
-            for name, per_image in native.items():
-                h, w, c = per_image[k].shape
-                preds[name] = np.asarray(finish(pixel_row({name: per_image[k]})[name], (1, length), cfg.protocol))
-                per_image[k] = preds[name][0, 0, :h * w].reshape(h, w, c)  # the finished prediction, for pictures
+            preds = {name: finish(pixel_row({name: per_image[k]})[name], (1, length), cfg.protocol)
+                     for name, per_image in native.items()}  # stays on the device for the metrics
+            if pictured < cfg.num_pictures:  # the pictures show the split's first examples, finished
+                pictured += 1
+                for name, per_image in native.items():
+                    h, w, c = per_image[k].shape
+                    per_image[k] = np.asarray(preds[name])[0, 0, :h * w].reshape(h, w, c)
             scored.append((preds, labels))
         return [(examples, native, scored)]
 
