@@ -91,10 +91,10 @@ def fake_run(tmp_path, task, examples, inference):
 
 
 def fake_examples(task):
-    """Test images of different sizes (two of one size, one shorter than the window after resizing)."""
+    """Test images of two sizes, one shorter than the window after resizing."""
     rng = np.random.default_rng(0)
     out = []
-    for i, (h, w) in enumerate([(20, 30), (20, 30), (10, 50), (33, 17)]):
+    for i, (h, w) in enumerate([(20, 30), (20, 30), (10, 50), (10, 50)]):
         image = rng.uniform(-1, 1, (h, w, 3)).astype(np.float32)
         if task.name == "normals":
             n = rng.normal(size=(h, w, 3))
