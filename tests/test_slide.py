@@ -105,3 +105,9 @@ def test_resizes_to_the_scale_and_back():
         expected = resize_linear(2 * resize_linear(image, keep_ratio_size(image.shape[:2], scale)), image.shape[:2])
         assert pred.shape == image.shape
         np.testing.assert_allclose(pred, expected, atol=1e-5)
+
+
+def test_a_stride_past_the_crop_is_an_error():
+    with pytest.raises(ValueError, match="leave gaps"):
+        slide_inference(lambda w, _: {"m": w}, [np.zeros((16, 40, 3), np.float32)], scale=(40, 16), crop=(16, 16),
+                        stride=(16, 20), rows=2)

@@ -142,11 +142,10 @@ def _slide(r: Run, steps: Steps) -> Infer:
     """"slide" inference (`d2i_jax.training.slide`): windows of every image of a loader batch predicted
     `evaluate.batch_size` at a time by one compiled function, stitched and resized on the host. Each image is then
     scored as one row of pixels (`pixel_row`), finished by the task's `resize_prediction` at that same size: an
-    identity resize, so only its per-pixel part acts (normals: renormalised after the averaging, and quantised
-    under the public protocol)."""
+    identity resize, so only its per-pixel part acts (normals: renormalised after the averaging and resizing, and
+    quantised under the public protocol, which has no slide mode of its own)."""
     cfg, task = r.config.evaluate, r.task
     finish = jax.jit(task.resize_prediction, static_argnums=(1, 2))
-
     pictured = 0  # examples whose finished prediction was brought back for the pictures
 
     @jax.jit

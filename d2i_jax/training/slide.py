@@ -62,6 +62,8 @@ def slide_inference(predict: PredictWindows, images: Sequence[np.ndarray], *, sc
     counts = [np.zeros(keep_ratio_size(image.shape[:2], scale), np.float32) for image in images]
     for i, (y1, y2, x1, x2), _ in cuts:
         counts[i][y1:y2, x1:x2] += 1
+    if not all(count.all() for count in counts):  # mmseg asserts it too
+        raise ValueError(f"windows of {crop} every {stride} pixels leave gaps: the stride must not exceed the crop")
     for start in range(0, len(cuts), rows):
         chunk = cuts[start:start + rows]
         out = predict(np.stack([pixels for _, _, pixels in chunk]), np.asarray([i for i, _, _ in chunk]))
