@@ -71,8 +71,15 @@ def get_config() -> ml_collections.ConfigDict:
     # recorded in metrics.jsonl
     c.data.check_files = False  # True: decode every file once before training (a progress bar), to fail early
     c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.kind = "bae"  # the two keys below; "mmseg_seg": mmseg 0.x's / VPD's ADE20K training pipeline
+    # (`d2i_jax.data.seg_augment`: random keep-ratio resize, crop, flip, photometric distortion, pad; image and
+    # semseg only) with the four keys after them, the training split then read at its stored size
     c.data.augment.hflip = False  # public code: no augmentation (Bae's recipe: hflip with n_x negated)
     c.data.augment.color_jitter = 0.0  # Bae's recipe: 0.2
+    c.data.augment.scale = (2048, 512)  # "mmseg_seg": Resize img_scale (long, short), times a ratio drawn from
+    c.data.augment.ratio_range = (0.5, 2.0)  # ... this range
+    c.data.augment.crop_size = (512, 512)  # "mmseg_seg": RandomCrop / Pad size (h, w), normally data.image_size
+    c.data.augment.cat_max_ratio = 0.75  # "mmseg_seg": crops redrawn (10 tries) while one class covers this much
     c.data.scenes = ml_collections.ConfigDict()  # data.name = "scenes" only (procedural rooms, rendered once)
     c.data.scenes.num_train = 795
     c.data.scenes.num_test = 654
@@ -124,6 +131,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.evaluate.protocol = "public"  # public test.py / evaluation.py: 8-bit predictions, resizes without antialiasing,
     # degrees as 180 / 3.14; "exact": float predictions, antialiased resizes, 180 / pi
     c.evaluate.num_pictures = 8
+    c.evaluate.inference = "whole"  # each image resized to data.image_size, the prediction back to the label size
+    # (public code); "slide": mmseg's / VPD's ADE20K test, the image resized keeping its aspect ratio to fit
+    # evaluate.scale, data.image_size windows every evaluate.stride pixels (evaluate.batch_size windows per call),
+    # their predictions averaged and resized back to the label size
+    c.evaluate.scale = (2048, 512)  # "slide": the (long, short) sides the resized image fits, as mmseg's img_scale
+    c.evaluate.stride = (341, 341)  # "slide": (h, w) step between windows (VPD's test_cfg)
 
     c.generate = ml_collections.ConfigDict()
     c.generate.prompts = ()  # empty: the training captions

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from d2i_jax import stages
-from d2i_jax.data import get_source
+from d2i_jax.data import get_source, seg_augment
 from d2i_jax.data.nyu import Augment, augment
 from d2i_jax.data.pipeline import RandomAccessSource
 from d2i_jax.data.robust import ON_BAD_FILE, SkipBadFiles, Without, check_files
@@ -42,6 +42,7 @@ from d2i_jax.training.state import TrainState, create_sharded
 from weights_conversion.diff2in1 import MODEL_INFO
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+AUGMENTATIONS = ("bae", "mmseg_seg")  # `config.data.augment.kind`, see `Run.augmentation`
 
 
 def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
@@ -188,10 +189,13 @@ class Run:
     # ------------------------------------------------------------------------------------------ data
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 - one Run per process; a few (split, size) pairs
-    def source(self, split: str, *, native_size: bool = False) -> RandomAccessSource:
+    def source(self, split: str, *, native_size: bool = False, training: bool = False) -> RandomAccessSource:
         """The dataset plug-in `config.data.name`'s split, with the task's labels, at the training resolution (or as
-        stored, for evaluation), guarded against bad files by `config.data.on_bad_file` / `check_files`."""
+        stored, for evaluation), guarded against bad files by `config.data.on_bad_file` / `check_files`.
+        `training`: the examples `fit` augments (`augmentation`), as stored when the augmentation crops them to the
+        input size itself (`data.augment.kind = "mmseg_seg"`)."""
         cfg = self.config.data
+        native_size = native_size or (training and cfg.augment.kind == "mmseg_seg")
         source = get_source(cfg, split, size=None if native_size else tuple(cfg.image_size),
                             label_keys=self.task.label_keys, workdir=self.workdir, seed=self.config.seed)
         return self._guarded(source, f"{cfg.name}/{split}")
@@ -218,8 +222,16 @@ class Run:
         return SkipBadFiles(source, "skip", log=record) if cfg.on_bad_file == "skip" else source
 
     def augmentation(self) -> Any:
-        """`fn(example, rng)` for the loader (hflip with n_x negated, colour jitter), or None (public code: off)."""
+        """`fn(example, rng)` for the loader by `config.data.augment.kind`: "bae" (hflip with n_x negated, colour
+        jitter; None when both are off, as the public code) or "mmseg_seg" (`d2i_jax.data.seg_augment`: VPD's
+        ADE20K training pipeline)."""
         aug = self.config.data.augment
+        if aug.kind not in AUGMENTATIONS:
+            raise ValueError(f"config.data.augment.kind must be one of {AUGMENTATIONS}, got {aug.kind!r}")
+        if aug.kind == "mmseg_seg":
+            config = seg_augment.SegAugment(scale=tuple(aug.scale), ratio_range=tuple(aug.ratio_range),
+                                            crop_size=tuple(aug.crop_size), cat_max_ratio=aug.cat_max_ratio)
+            return functools.partial(seg_augment.augment, config=config)
         if not (aug.hflip or aug.color_jitter):
             return None
         j = aug.color_jitter

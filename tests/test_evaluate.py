@@ -1,15 +1,26 @@
-"""The evaluate stage: which models' normals and whose kappa `predictions.png` shows; the public protocol."""
+"""The evaluate stage: which models' normals and whose kappa `predictions.png` shows; the public protocol; whole and
+slide inference on a fake model."""
 
 from __future__ import annotations
+
+import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
+from configs import nyu
+from d2i_jax.data import keys
+from d2i_jax.data.files import keep_ratio_size, resize_linear
+from d2i_jax.stages import evaluate
 from d2i_jax.stages.evaluate import picture_columns
 from d2i_jax.tasks.normals import NormalsTask
+from d2i_jax.tasks.segmentation import SegmentationTask
+from d2i_jax.training.sharding import make_mesh
 
 
 def test_predictions_picture_shows_the_final_models_kappa():
@@ -45,3 +56,117 @@ def test_public_protocol_quantises_resizes_without_antialias_and_uses_3_14():
         acc.update(jnp.asarray(public), gt)
         results[protocol] = acc.result()["mean"]
     np.testing.assert_allclose(results["public"], results["exact"] * np.pi / 3.14, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the stage on a fake model: whole and slide
+
+
+class FakeSteps:
+    """`Steps` whose model is pointwise: the prediction of an image is `params * g(image)` (g = the image for
+    segmentation logits; the image plus a constant kappa for normals)."""
+
+    def __init__(self, perceiver, task, tx):
+        self.task = task
+
+    def predict(self, models, frozen, images, context, rng):
+        extra = [jnp.ones_like(images[..., :1])] if self.task.name == "normals" else []
+        return {name: params * jnp.concatenate([images, *extra], -1) for name, (params, _) in models.items()}
+
+
+def fake_run(tmp_path, task, examples, inference):
+    config = nyu.get_config()
+    config.data.image_size = (16, 16)
+    config.evaluate.batch_size = 3
+    config.evaluate.num_pictures = 2
+    config.evaluate.inference = inference
+    config.evaluate.scale = (64, 16)
+    config.evaluate.stride = (11, 11)
+    return SimpleNamespace(
+        config=config, task=task, workdir=tmp_path, mesh=make_mesh(), frozen={},
+        source=lambda split, native_size: examples, perceiver=None, shard=lambda tree: tree,
+        init_model=lambda: (jnp.float32(1.5), {}), model_dir=lambda stage: tmp_path / "absent",
+        contexts=lambda captions: np.zeros((len(captions), 2, 4), np.float32),
+        writer=SimpleNamespace(write=lambda *a: None),
+        stage_dir=lambda name: (tmp_path / name).mkdir(exist_ok=True) or tmp_path / name)
+
+
+def fake_examples(task):
+    """Test images of two sizes, one shorter than the window after resizing."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i, (h, w) in enumerate([(20, 30), (20, 30), (10, 50), (10, 50)]):
+        image = rng.uniform(-1, 1, (h, w, 3)).astype(np.float32)
+        if task.name == "normals":
+            n = rng.normal(size=(h, w, 3))
+            labels = {keys.NORMAL: (n / np.linalg.norm(n, axis=-1, keepdims=True)).astype(np.float32),
+                      keys.MASK: rng.uniform(size=(h, w)) < 0.8}
+        else:
+            labels = {keys.SEMSEG: np.where(rng.uniform(size=(h, w)) < 0.1, 255, rng.integers(0, 3, (h, w)))}
+        out.append({keys.IMAGE: image, keys.CAPTION: "", keys.ID: np.int32(i), **labels})
+    return out
+
+
+def expected_metrics(task, examples, inference, protocol="public"):
+    """The metrics restated: "whole" as the stage computed them before slide inference existed; "slide" with the
+    pointwise fake model, whose averaged windows are the resized image's own prediction."""
+    acc = task.new_metrics(protocol)
+    for e in examples:
+        image, native = e[keys.IMAGE], e[keys.IMAGE].shape[:2]
+        if inference == "whole":
+            small = jax.image.resize(jnp.asarray(image)[None], (1, 16, 16, 3), "bilinear", antialias=False)
+            pred = FakeSteps(None, task, None).predict({"m": (1.5, {})}, {}, small, None, None)["m"]
+        else:
+            resized = resize_linear(image, keep_ratio_size(native, (64, 16))).astype(np.float32)
+            raw = np.asarray(FakeSteps(None, task, None).predict({"m": (1.5, {})}, {}, resized[None], None, None)["m"])
+            pred = resize_linear(raw[0], native).astype(np.float32)[None]
+        task.update_metrics(acc, task.resize_prediction(jnp.asarray(pred), native, protocol),
+                            {k: e[k][None] for k in task.label_keys})
+    return acc.result()
+
+
+@pytest.mark.parametrize("inference", ["whole", "slide"])
+@pytest.mark.parametrize("task", [SegmentationTask(num_classes=3), NormalsTask()], ids=["segmentation", "normals"])
+def test_stage_metrics_on_a_fake_model(tmp_path, monkeypatch, task, inference):
+    """The stage's metrics in both inference modes equal the restated ones; "slide" scores every image as one
+    power-of-two row of pixels (`pixel_row`), so it compiles the metrics for few shapes."""
+    monkeypatch.setattr(evaluate, "Steps", FakeSteps)
+    examples = fake_examples(task)
+    evaluate.run(fake_run(tmp_path, task, examples, inference))
+    got = json.loads((tmp_path / "metrics.json").read_text())["untrained"]
+    want = jax.tree.map(evaluate._jsonable, expected_metrics(task, examples, inference))
+    assert got.keys() == want.keys()
+    for key in got:
+        np.testing.assert_allclose(np.asarray(got[key], float), np.asarray(want[key], float), rtol=2e-5, err_msg=key)
+    assert (tmp_path / "evaluate" / "predictions.png").exists()
+
+
+def test_pixel_row_pads_to_a_power_of_two_with_ignored_labels():
+    task = SegmentationTask(num_classes=3)
+    labels = evaluate.pixel_row({keys.SEMSEG: np.arange(15).reshape(3, 5)}, task.empty_labels)
+    np.testing.assert_array_equal(labels[keys.SEMSEG], [[[*range(15), 255]]])
+    pred = evaluate.pixel_row({"m": np.arange(30.0).reshape(3, 5, 2)})["m"]
+    assert pred.shape == (1, 1, 16, 2)
+    np.testing.assert_array_equal(pred[0, 0, 14:], [[28, 29], [28, 29]])
+    assert evaluate.pixel_row({"m": np.zeros((4, 4, 1))})["m"].shape == (1, 1, 16, 1)
+
+
+def test_slide_compiles_nothing_per_image_size(tmp_path, monkeypatch, caplog):
+    """After one slide evaluation, another over images of new sizes (whose pixel counts share a power of two)
+    compiles only the stage's fresh window function: no resize, stitch or metric is compiled per image size."""
+    monkeypatch.setattr(evaluate, "Steps", FakeSteps)
+    task = SegmentationTask(num_classes=3)
+    rng = np.random.default_rng(0)
+
+    def run(sizes, workdir):
+        examples = [{keys.IMAGE: rng.uniform(-1, 1, (h, w, 3)).astype(np.float32), keys.CAPTION: "",
+                     keys.ID: np.int32(i), keys.SEMSEG: rng.integers(0, 3, (h, w))} for i, (h, w) in enumerate(sizes)]
+        workdir.mkdir()
+        evaluate.run(fake_run(workdir, task, examples, "slide"))
+
+    run([(20, 30)] * 4, tmp_path / "a")
+    caplog.clear()
+    with jax.log_compiles():
+        run([(20, 31), (19, 33), (25, 25), (17, 36), (30, 20)], tmp_path / "b")
+    compiled = {m.split("Finished XLA compilation of ")[1].split(" in ")[0] for m in caplog.messages
+                if "Finished XLA compilation of" in m}
+    assert compiled == {"jit(predict)"}

@@ -133,6 +133,15 @@ def resize_nearest(x: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     return x
 
 
+def keep_ratio_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
+    """(H, W) that mmcv 1.x's `imrescale(img, scale)` gives an image of `size` (mmseg 0.x's `Resize(keep_ratio=True)`):
+    the aspect ratio kept, the long side within max(scale) and the short side within min(scale), so that one of them
+    is reached; each side int(side * factor + 0.5)."""
+    h, w = size
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
 RESIZES = ("pil", "public")
 
 

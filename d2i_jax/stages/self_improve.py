@@ -29,7 +29,7 @@ TEACHERS = ("ema", "fixed")
 def sources(r: Run, teacher: str) -> tuple[Any, Any]:
     """(real, synthetic) sources. teacher "ema": synthetic images flagged for theta_C's online labels (real ones
     flagged False, so batches mix); "fixed": the stored theta_W labels as ground truth, nothing flagged."""
-    real = r.source(r.config.data.train_split)
+    real = r.source(r.config.data.train_split, training=True)
     fixed = teacher == "fixed"
     synthetic = SyntheticImages(r.workdir / "create", r.task, size=tuple(r.config.data.image_size), labels=fixed)
     return (real if fixed else Flagged(real, flag=False)), synthetic

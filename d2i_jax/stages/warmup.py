@@ -43,7 +43,7 @@ def run(r: Run) -> None:
     tx = optimizer(r)
     params, batch_stats = r.init_model()
     state = r.train_state(params, batch_stats, tx, seed_offset=1)
-    source = with_cached_latents(r, "warmup", {"train": r.source(r.config.data.train_split)})["train"]
+    source = with_cached_latents(r, "warmup", {"train": r.source(r.config.data.train_split, training=True)})["train"]
     print(f"[warmup] {len(source)} training images, {r.config.warmup.epochs} epochs")
     state = r.fit("warmup", Steps(r.perceiver, r.task, tx), state, source, epochs=r.config.warmup.epochs)
     r.save_model("warmup", state.params, state.batch_stats)
