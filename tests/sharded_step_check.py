@@ -64,7 +64,9 @@ def run(mesh, tiny, batch, context, num_steps: int, *, tx: optax.GradientTransfo
     # SGD by default: the update is linear in the gradient, so rounding differences stay rounding-sized; Adam turns
     # near-zero gradients (conv biases before a GroupNorm) into +-lr steps whose sign is rounding noise.
     tx = tx or optax.sgd(1e-2)
-    steps = Steps(perceiver, task, tx, ema_decay=0.5, ema_every=1)
+    # theta_C labels in "eval" mode (its head on theta_E's features): the labelling is exercised without compiling a
+    # second backbone pass into every sharded step ("public" mode has its own single-device test)
+    steps = Steps(perceiver, task, tx, ema_decay=0.5, ema_every=1, label_mode="eval")
     state = create_sharded(*jax.tree.map(jnp.copy, (params, stats)), tx, jax.random.key(0), mesh, MIN_SIZE)
     frozen = put_sharded(frozen, fsdp_shardings(frozen, mesh, MIN_SIZE))
     shard = batch_sharding(mesh)

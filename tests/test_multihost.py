@@ -68,5 +68,5 @@ def test_two_processes_run_the_whole_pipeline(tmp_path):
     assert len(list((tmp_path / "create" / "img").glob("*.png"))) == 8
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) == {"untrained", "theta_W", "theta_C"}
-    tables = [out[out.index("angular error pooled"):].splitlines()[1:5] for out in outs]  # header + 3 models
+    tables = [out[out.index("metrics pooled over the"):].splitlines()[1:5] for out in outs]  # header + 3 models
     assert tables[0] == tables[1]  # both processes computed the same metrics from the gathered predictions
