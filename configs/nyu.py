@@ -28,9 +28,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.remat_policy = "none"  # UNet remat for train_unet: full, dots, dots_no_batch (less memory, more compute)
     c.model.t_feat = 0  # timestep of the feature pass
     c.model.sample_posterior = True  # public code: posterior sample x 0.18215; False: the mean
-    c.model.prompt = ""  # perception context: the empty prompt, embedded once per run
+    c.model.scale_latents = True  # x the VAE scaling factor 0.18215 (VPD: False, the unscaled posterior mode)
+    c.model.noise_features = True  # q_sample the latent to t_feat (VPD: False, the clean latent at t = 1)
+    c.model.context = "prompt"  # UNet text context of the perception path: "prompt" (`prompt` / `use_captions`) or
+    # "class_embeddings" (VPD: one CLIP embedding per class of `task.class_names`, the same for every image)
+    c.model.prompt = ""  # context "prompt": the empty prompt, embedded once per run
     c.model.use_captions = False  # True: each image's caption as the perception context (neither the paper nor the
     # public code: both caption only the creation path, `create.use_captions`)
+    c.model.class_embeddings_file = ""  # context "class_embeddings": a `[N, D]` .npy, or VPD's class_embeddings.pth;
+    # empty: computed once per run from the SD text encoder (VPD's recipe, `d2i_jax.models.class_embeddings`)
+    c.model.context_adapter = False  # VPD's TextAdapter (trainable MLP, gamma 1e-4) on the context
     c.model.cache_latents = True  # encode each training image's VAE posterior once, sample it every step (same
     # training, no VAE encoder in the step); ignored with augmentation, which changes the images every epoch
     c.model.train_unet = False  # frozen SD (paper Table B: fine-tuning is worse)
@@ -89,6 +96,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 8  # global
     c.train.optimizer = "adam"  # public code: Adam, constant lr
     c.train.lr = 3.57e-4
+    c.train.schedule = "constant"  # public code; "poly": (lr - min_lr) (1 - step / total)^poly_power + min_lr after
+    # a linear warm-up (mmcv's, VPD's) of `warmup_steps` from `warmup_ratio` x lr
+    c.train.total_steps = 0  # of the poly schedule; 0: the stage's epochs x steps per epoch
+    c.train.warmup_steps = 0
+    c.train.warmup_ratio = 1e-6  # the warm-up's starting fraction of the lr (mmcv's `warmup_ratio`)
+    c.train.poly_power = 1.0
+    c.train.min_lr = 0.0
     c.train.weight_decay = 0.0
     c.train.grad_clip = 0.0  # Bae's recipe: 0.1
     c.train.log_every = 10

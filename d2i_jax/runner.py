@@ -29,12 +29,14 @@ from d2i_jax.data.robust import ON_BAD_FILE, SkipBadFiles, Without, check_files
 from d2i_jax.diffusion.schedule import NoiseSchedule
 from d2i_jax.distributed import process_zero_writes
 from d2i_jax.metric_writer import MetricWriter
+from d2i_jax.models.class_embeddings import class_embeddings, load_class_embeddings
 from d2i_jax.models.clip import embed_prompts
 from d2i_jax.models.loading import StableDiffusion, load_stable_diffusion, restore_params, save_params
 from d2i_jax.models.random_sd import write_random_sd
 from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.feature_paths import make_predictor
 from d2i_jax.perception.model import Perceiver
+from d2i_jax.perception.vpd import TextAdapter
 from d2i_jax.tasks import Task, get_task
 from d2i_jax.training.loop import FitOptions, fit
 from d2i_jax.training.sharding import fsdp_shardings, make_mesh, put_sharded
@@ -43,6 +45,7 @@ from weights_conversion.diff2in1 import MODEL_INFO
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 AUGMENTATIONS = ("bae", "mmseg_seg")  # `config.data.augment.kind`, see `Run.augmentation`
+CONTEXTS = ("prompt", "class_embeddings")  # `config.model.context`
 
 
 def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
@@ -88,6 +91,7 @@ class Run:
         return Backbone(
             vae=self.sd.vae, unet=self.sd.unet, schedule=NoiseSchedule.from_config(self.sd.scheduler_config),
             t_feat=self.config.model.t_feat, sample_posterior=self.config.model.sample_posterior,
+            scale_latents=self.config.model.scale_latents, noise_features=self.config.model.noise_features,
         )
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one Run per process; prompts are few
@@ -100,9 +104,15 @@ class Run:
         return embed_prompts(self.sd.text_encoder, self.sd.params["text_encoder"], self.sd.tokenizer, prompts)
 
     def contexts(self, captions: list[str]) -> np.ndarray:
-        """Per-example UNet context for the perception path: the captions' embeddings with
-        `model.use_captions` (each distinct caption embedded once per run, see `caption_embeddings`), else
-        `model.prompt`'s (the public code: the empty prompt) for every example."""
+        """Per-example UNet context for the perception path, by `model.context`: "class_embeddings" gives
+        `class_embeddings` to every example (VPD); "prompt" the captions' embeddings with `model.use_captions` (each
+        distinct caption embedded once per run, see `caption_embeddings`), else `model.prompt`'s (the public code:
+        the empty prompt) for every example."""
+        mode = self.config.model.context
+        if mode not in CONTEXTS:
+            raise ValueError(f"config.model.context must be one of {CONTEXTS}, got {mode!r}")
+        if mode == "class_embeddings":
+            return np.broadcast_to(self.class_embeddings, (len(captions), *self.class_embeddings.shape))
         if self.config.model.use_captions:
             captions = [c or self.config.data.fallback_caption for c in captions]
             cache = self.caption_embeddings
@@ -114,6 +124,25 @@ class Run:
             return np.stack([cache[c] for c in captions])
         one = np.asarray(self.prompt_embedding(self.config.model.prompt))
         return np.broadcast_to(one, (len(captions), *one.shape[1:]))
+
+    @functools.cached_property
+    def class_embeddings(self) -> np.ndarray:
+        """`[N, D]` text context of `model.context = "class_embeddings"`: `model.class_embeddings_file`, else computed
+        once per run from the SD text encoder for `task.class_names` (VPD's recipe, `d2i_jax.models.class_embeddings`).
+        """
+        model = self.config.model
+        if model.class_embeddings_file:
+            table = load_class_embeddings(model.class_embeddings_file)
+        else:
+            names = self.config.task.get("class_names", ())
+            if not names:
+                raise ValueError("config.model.context='class_embeddings' needs config.task.class_names or "
+                                 "config.model.class_embeddings_file")
+            table = class_embeddings(self.sd.text_encoder, self.sd.params["text_encoder"], self.sd.tokenizer, names)
+        if table.shape[1] != self.sd.unet.cross_attention_dim:
+            raise ValueError(f"class embeddings of width {table.shape[1]}: the UNet's context width is "
+                             f"{self.sd.unet.cross_attention_dim}")
+        return table
 
     # ------------------------------------------------------------------------------------------ model
 
@@ -142,9 +171,11 @@ class Run:
 
     @functools.cached_property
     def perceiver(self) -> Perceiver:
-        """Backbone -> the feature path `config.model.features` -> the task's head."""
+        """Backbone -> the feature path `config.model.features` -> the task's head; with `model.context_adapter`,
+        VPD's `TextAdapter` on the context."""
         return Perceiver(self.backbone, make_predictor(self.config, self.task.make_head()),
-                         train_unet=self.config.model.train_unet)
+                         train_unet=self.config.model.train_unet,
+                         context_adapter=TextAdapter() if self.config.model.context_adapter else None)
 
     def save_model(self, stage: str, params: Any, batch_stats: Any) -> None:
         """Writes a stage's final model (params + norm state) to `workdir/<stage>/model`."""

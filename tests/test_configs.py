@@ -1,4 +1,5 @@
-"""configs/nyu.py holds the public code's setting (REFERENCE §1); configs/demo.py only shrinks it."""
+"""configs/nyu.py holds the public code's setting (REFERENCE §1); configs/demo.py only shrinks it; configs/ade20k.py
+and configs/nyu_depth.py hold VPD's settings (VPD_FACTS)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import demo, nyu
+from configs import ade20k, demo, nyu, nyu_depth
+from d2i_jax import plugins
+from d2i_jax.data.ade20k import CLASSES
 from d2i_jax.diffusion.schedule import ddim_timesteps
-from d2i_jax.runner import compute_dtype
+from d2i_jax.perception.feature_paths import vpd
+from d2i_jax.perception.vpd import VPDTaskHead
+from d2i_jax.runner import CONTEXTS, compute_dtype
 from d2i_jax.stages import REGISTRY
+from d2i_jax.tasks import get_task
+from d2i_jax.training.state import ema_every_steps
 
 
 def test_nyu_config_is_the_public_code_setting():
@@ -81,3 +88,67 @@ def test_compute_dtype_auto_is_bf16_on_accelerators_and_validated():
     assert compute_dtype("float32", "gpu") == jnp.float32
     with pytest.raises(ValueError, match="'float16'"):
         compute_dtype("float16")
+
+
+def _vpd_plugins_exist(c):
+    """Every name the config gives resolves: stages, dataset reader, feature path, task and its VPD head."""
+    assert all(s in REGISTRY for s in c.stages)
+    plugins.load("d2i_jax.data", c.data.name, "make_source", what="config.data.name")
+    assert plugins.load("d2i_jax.perception.feature_paths", c.model.features, "make_predictor",
+                        what="config.model.features") is vpd.make_predictor
+    assert c.model.context in CONTEXTS
+    assert isinstance(get_task(c.task).make_head(), VPDTaskHead)
+    assert ema_every_steps(c.self_improve.ema_every_samples, c.train.batch_size) > 0
+
+
+def test_ade20k_config_is_vpds_segmentation_setting():
+    c = ade20k.get_config()
+    _vpd_plugins_exist(c)
+    # VPD's feature pass: posterior mode without 0.18215, t = 1, no noise, the 150 class embeddings + TextAdapter
+    assert c.model.features == "vpd" and c.model.t_feat == 1
+    assert not (c.model.sample_posterior or c.model.scale_latents or c.model.noise_features)
+    assert c.model.context == "class_embeddings" and c.model.context_adapter
+    assert c.model.train_unet and c.model.unet_lr_mult == 0.1
+    # FPN neck + FPNHead on 150 classes, mmseg 0.x cross-entropy, ADE20K reduce_zero_label classes
+    assert c.task.name == "segmentation" and c.task.num_classes == 150 and c.task.class_names == CLASSES
+    assert c.task.ignore_index == 255 and not c.task.avg_non_ignore
+    assert c.task.head.type == "semantic_fpn" and c.task.head.out_channels == c.task.head.channels == 256
+    assert c.task.head.feature_strides == (4, 8, 16, 32) and c.task.head.dropout_ratio == 0.1
+    assert c.data.name == "ade20k" and c.data.image_size == (512, 512)
+    assert (c.data.train_split, c.data.test_split) == ("training", "validation")
+    # AdamW 8e-5, wd 1e-3, poly power 1 to 0 after 1,500 linear warm-up iterations from 1e-6, batch 16, ~80k its
+    assert c.train.optimizer == "adamw" and c.train.lr == 8e-5 and c.train.weight_decay == 1e-3
+    assert c.train.grad_clip == 0 and c.train.batch_size == 16
+    assert c.train.schedule == "poly" and c.train.poly_power == 1 and c.train.min_lr == 0
+    assert c.train.warmup_steps == 1500 and c.train.warmup_ratio == 1e-6
+    iterations = c.warmup.epochs * (20210 // c.train.batch_size)
+    assert abs(iterations - 80000) < 1263 and c.train.total_steps == 0  # within an epoch of max_iters=80000
+    # Diff-2-in-1 on VPD: one synthetic image per training image, EMA 0.998 every ~40 samples
+    assert c.create.num_images == -1 and c.self_improve.ema_decay == 0.998
+    assert c.self_improve.ema_every_samples == 48
+
+
+def test_nyu_depth_config_is_vpds_depth_setting():
+    c = nyu_depth.get_config()
+    _vpd_plugins_exist(c)
+    assert c.model.features == "vpd" and c.model.t_feat == 1
+    assert not (c.model.sample_posterior or c.model.scale_latents or c.model.noise_features)
+    assert c.model.train_unet and c.model.unet_lr_mult == 0.01
+    assert c.task.name == "depth" and c.task.head.type == "vpd"
+    assert c.task.max_depth == 10 and c.task.min_depth == 1e-3
+    assert c.task.silog_lambda == 0.5 and c.task.silog_scale == 1
+    assert c.task.eigen_crop and c.task.reduction == "per_image"
+    assert (c.task.head.encoder_channels, c.task.head.decoder_channels) == (1536, 192)
+    assert c.task.head.deconv_channels == (32, 32, 32) and c.task.head.deconv_kernels == (2, 2, 2)
+    assert c.task.head.num_groups == 16
+    assert c.data.name == "nyud_mt" and all(s % 64 == 0 for s in c.data.image_size)
+    assert c.train.optimizer == "adamw" and c.train.weight_decay == 0.1 and c.train.lr == 5e-4
+    assert c.train.min_lr == 3e-5 and c.train.batch_size == 24 and c.warmup.epochs == 25
+
+
+def test_diff2in1_configs_keep_the_default_feature_pass_and_optimiser():
+    """The new keys default to today's behaviour: scaled, noised latents, prompt context, constant lr."""
+    for c in (nyu.get_config(), demo.get_config()):
+        assert c.model.scale_latents and c.model.noise_features and c.model.features == "diff2in1"
+        assert c.model.context == "prompt" and not c.model.context_adapter
+        assert c.train.schedule == "constant"

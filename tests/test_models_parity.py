@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from d2i_jax.models import embed_prompts, load_stable_diffusion
+from d2i_jax.models.class_embeddings import IMAGENET_TEMPLATES, class_embeddings
+from d2i_jax.models.clip import embed_pooled
 from tests.sd_reference import nhwc, unet_with_features
 
 RTOL = 1e-4  # max |flax - torch| <= RTOL * max |torch|, per tensor
@@ -100,6 +102,34 @@ def test_clip_last_hidden_state(loaded):
     assert out.shape == (3, 77, sd.text_encoder.config.hidden_size)
     assert_close(out, ref, f"{family} clip last hidden state")
     assert sd.text_encoder.config.hidden_act == ("quick_gelu" if family == "sd1" else "gelu")
+
+
+def test_clip_pooled_output(loaded):
+    """`embed_pooled` = transformers' `pooler_output` (EOS state); padding length does not change it (causal)."""
+    sd, models, family = loaded
+    prompts = ["a photo of a cat", "", "A ROOM, with two chairs & a lamp!"]
+    ids = sd.tokenizer(prompts, padding="max_length", max_length=20, truncation=True, return_tensors="np").input_ids
+    with torch.no_grad():
+        ref = models["text_encoder"](torch.from_numpy(ids)).pooler_output.numpy()
+    out = embed_pooled(sd.text_encoder, sd.params["text_encoder"], sd.tokenizer, prompts, max_length=20)
+    assert_close(out, ref, f"{family} clip pooled output")
+    assert_close(embed_pooled(sd.text_encoder, sd.params["text_encoder"], sd.tokenizer, prompts[:2]), ref[:2],
+                 f"{family} clip pooled output at 77 tokens")
+
+
+def test_class_embeddings_are_vpds_template_mean(loaded):
+    """VPD's recipe restated with transformers: "_" -> " ", 80 templates, 20 tokens, pooler_output averaged."""
+    sd, models, family = loaded
+    names = ["chest_of drawers", "bed "]
+    ref = []
+    for name in names:
+        prompts = [t.format(name.replace("_", " ")) for t in IMAGENET_TEMPLATES]
+        ids = sd.tokenizer(prompts, padding="max_length", max_length=20, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            ref.append(models["text_encoder"](ids.input_ids).pooler_output.mean(0).numpy())
+    out = class_embeddings(sd.text_encoder, sd.params["text_encoder"], sd.tokenizer, names)
+    assert out.dtype == np.float32
+    assert_close(out, np.stack(ref), f"{family} class embeddings")
 
 
 def test_bf16_compute_keeps_fp32_params_and_stays_close(sd_folder):

@@ -2,7 +2,8 @@
 
 SD1 uses CLIP ViT-L/14's text tower (quick-GELU, 768 wide); SD2 uses OpenCLIP-H as diffusers saves it
 (exact GELU, 1024 wide, the layer count SD2 uses already in its config). Both return the last hidden
-state after the final LayerNorm, with a causal mask and no padding mask (as SD pipelines call it).
+state after the final LayerNorm, with a causal mask and no padding mask (as SD pipelines call it); `eos_pooled`
+reads transformers' `pooler_output` (the EOS token's state) from it.
 """
 
 from __future__ import annotations
@@ -151,6 +152,14 @@ class _MLP(_Layer):
         return self.dense(c.hidden_size, "fc2")(h)
 
 
+def eos_pooled(hidden: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """transformers' `CLIPTextModel.pooler_output`: the last hidden state `[B, L, D]` at each sequence's first EOS
+    token -> `[B, D]`. (transformers picks `argmax(input_ids)` when the config's `eos_token_id` is the legacy 2, as
+    SD1.5's is; with CLIP's tokenizer, whose EOS has the largest id, that is the same token.)"""
+    first = jnp.argmax(jnp.asarray(input_ids) == eos_token_id, axis=-1)
+    return jnp.take_along_axis(hidden, first[:, None, None], axis=1)[:, 0]
+
+
 def clip_from_config(
     config: Mapping[str, Any],
     *,
@@ -162,10 +171,11 @@ def clip_from_config(
     return CLIPTextModel(CLIPTextConfig.from_dict(config), attention_impl, dtype, param_dtype)
 
 
-def tokenize(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
-    """Token ids `[len(prompts), model_max_length]` (77 for SD), padded and truncated as SD pipelines do."""
+def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int | None = None) -> np.ndarray:
+    """Token ids `[len(prompts), max_length]` (default `model_max_length`, 77 for SD), padded and truncated as SD
+    pipelines do."""
     return tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        list(prompts), padding="max_length", max_length=max_length or tokenizer.model_max_length, truncation=True,
         return_tensors="np",
     ).input_ids
 
@@ -175,6 +185,14 @@ def embed_prompts(
 ) -> jax.Array:
     """Prompts -> text context `[len(prompts), 77, hidden]` for the UNet (e.g. `[""]` for the empty prompt)."""
     return _jitted_apply(text_encoder)({"params": params}, jnp.asarray(tokenize(tokenizer, prompts)))
+
+
+def embed_pooled(
+    text_encoder: CLIPTextModel, params: Any, tokenizer: Any, prompts: Sequence[str], max_length: int | None = None
+) -> jax.Array:
+    """Prompts -> pooled text embeddings `[len(prompts), hidden]` (`eos_pooled`), tokenised to `max_length`."""
+    ids = jnp.asarray(tokenize(tokenizer, prompts, max_length))
+    return eos_pooled(_jitted_apply(text_encoder)({"params": params}, ids), ids, tokenizer.eos_token_id)
 
 
 @functools.cache

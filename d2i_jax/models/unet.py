@@ -66,7 +66,8 @@ class UNetFeatures:
         return [*self.down, self.mid, *(x for block in self.up for x in block)]
 
     def up_block_outputs(self) -> list[jax.Array]:
-        """The output of each up block (its last, upsampled layer), coarse to fine (GenPercept / VPD)."""
+        """The output of each up block (its last, upsampled layer), coarse to fine (GenPercept). VPD's picks differ
+        (the layer before each upsampler): `d2i_jax.perception.feature_paths.vpd`."""
         return [block[-1] for block in self.up]
 
 

@@ -1,7 +1,9 @@
-"""The Diff-2-in-1 feature path through Stable Diffusion (REFERENCE §1, discriminative use).
+"""The feature pass through Stable Diffusion (REFERENCE §1, discriminative use).
 
-image -> VAE posterior (sample, as the public code, or mean) x scaling factor -> `q_sample` at `t_feat`
-(t = 0 still adds a little noise: sqrt(alpha_bar_0) ~ 0.99957) -> one UNet pass with a text context -> block outputs.
+Diff-2-in-1 (the defaults): image -> VAE posterior (sample, as the public code, or mean) x scaling factor ->
+`q_sample` at `t_feat` (t = 0 still adds a little noise: sqrt(alpha_bar_0) ~ 0.99957) -> one UNet pass with a text
+context -> block outputs. VPD: the posterior mean *without* the scaling factor, fed to the UNet at t = 1 with no
+noise (`sample_posterior=False, scale_latents=False, t_feat=1, noise_features=False`).
 All functions are pure; the parameters are arguments, so the UNet can be frozen or trained.
 """
 
@@ -27,6 +29,10 @@ class Backbone:
       schedule: the diffusion schedule (`q_sample` at `t_feat`).
       t_feat: the timestep of the feature pass (0 in the public code).
       sample_posterior: draw the latent from the VAE posterior (public code) instead of taking its mean.
+      scale_latents: multiply the perception latent by the VAE scaling factor (Diff-2-in-1); VPD never does
+        (it feeds `encode(x).mode()` as is).
+      noise_features: `q_sample` the latent to `t_feat` before the UNet pass (Diff-2-in-1); False feeds the clean
+        latent with the timestep `t_feat` (VPD: t = 1).
     """
 
     vae: AutoencoderKL
@@ -34,23 +40,27 @@ class Backbone:
     schedule: NoiseSchedule
     t_feat: int = 0
     sample_posterior: bool = True
+    scale_latents: bool = True
+    noise_features: bool = True
 
     def posterior(self, vae_params: Any, images: jax.Array) -> Posterior:
         """`[B, H, W, 3]` images in [-1, 1] -> the VAE posterior over unscaled latents (cacheable per image)."""
         return self.vae.apply({"params": vae_params}, images, method="encode")
 
-    def latents(self, posterior: Posterior, rng: jax.Array) -> jax.Array:
-        """Scaled latents (the UNet's input space) from a posterior."""
+    def latents(self, posterior: Posterior, rng: jax.Array, *, scale: bool = True) -> jax.Array:
+        """Latents from a posterior (sample or mean, `sample_posterior`), scaled into the UNet's diffusion space
+        unless `scale` is False (the perception pass passes `scale_latents`; generation always scales)."""
         z = posterior.sample(rng) if self.sample_posterior else posterior.mean
-        return z * self.vae.scaling_factor
+        return z * self.vae.scaling_factor if scale else z
 
     def features(
         self, unet_params: Any, latents: jax.Array, context: jax.Array, rng: jax.Array
     ) -> UNetFeatures:
-        """Noises scaled latents to `t_feat` and returns the UNet block outputs of one pass."""
-        noise = jax.random.normal(rng, latents.shape, latents.dtype)
+        """Noises latents to `t_feat` (`noise_features`) and returns the UNet block outputs of one pass at `t_feat`."""
         t = jnp.full((latents.shape[0],), self.t_feat, jnp.int32)
-        noisy = q_sample(self.schedule, latents, noise, t)
+        noisy = latents
+        if self.noise_features:
+            noisy = q_sample(self.schedule, latents, jax.random.normal(rng, latents.shape, latents.dtype), t)
         context = jnp.broadcast_to(context, (latents.shape[0], *context.shape[1:]))
         _, feats = self.unet.apply({"params": unet_params}, noisy, t, context, return_features=True)
         return feats
@@ -67,4 +77,5 @@ class Backbone:
         """
         latent_rng, noise_rng = jax.random.split(rng)
         posterior = self.posterior(vae_params, images) if moments is None else Posterior.from_moments(moments)
-        return self.features(unet_params, self.latents(posterior, latent_rng), context, noise_rng)
+        latents = self.latents(posterior, latent_rng, scale=self.scale_latents)
+        return self.features(unet_params, latents, context, noise_rng)

@@ -1,7 +1,8 @@
 """The perception model: SD backbone features -> fusion -> task head, as pure functions of explicit params.
 
-Trainable params are `{"head": ...}` (plus `"unet"` when the UNet is fine-tuned); the frozen SD params are a
-separate argument, so the train state (and theta_C's EMA) holds only what is trained.
+Trainable params are `{"head": ...}` (plus `"unet"` when the UNet is fine-tuned and `"adapter"` with a context
+adapter); the frozen SD params are a separate argument, so the train state (and theta_C's EMA) holds only what is
+trained.
 """
 
 from __future__ import annotations
@@ -43,17 +44,33 @@ class DensePredictor(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Perceiver:
-    """image -> prediction. `train_unet` makes the UNet part of the trainable params (VPD / GenPercept style)."""
+    """image -> prediction.
+
+    Attributes:
+      backbone / predictor: the SD feature pass and what reads its block outputs.
+      train_unet: the UNet is part of the trainable params (VPD / GenPercept style).
+      context_adapter: a trainable module mapping the `[B, N, D]` text context before the UNet pass (VPD's
+        `TextAdapter`); its params are `params["adapter"]`.
+    """
 
     backbone: Backbone
     predictor: DensePredictor
     train_unet: bool = False
+    context_adapter: nn.Module | None = None
+
+    @property
+    def trainable_features(self) -> bool:
+        """Whether the block outputs depend on trainable params (UNet or context adapter): then each model (theta_E,
+        theta_C) needs its own backbone pass."""
+        return self.train_unet or self.context_adapter is not None
 
     def block_outputs(self, params: Any, frozen: Any, images: jax.Array, context: jax.Array,
                       rng: jax.Array, moments: jax.Array | None = None) -> list[jax.Array]:
-        """UNet block outputs of `images` (frozen or trainable UNet); `moments`: their cached VAE posterior
-        (`Backbone.image_features`), which skips the VAE encoder."""
+        """UNet block outputs of `images` (frozen or trainable UNet, adapted context); `moments`: their cached VAE
+        posterior (`Backbone.image_features`), which skips the VAE encoder."""
         unet = params["unet"] if self.train_unet else frozen["unet"]
+        if self.context_adapter is not None:
+            context = self.context_adapter.apply({"params": params["adapter"]}, context)
         feats = self.backbone.image_features(frozen["vae"], unet, images, context, rng, moments)
         return feats.block_outputs()
 
@@ -75,21 +92,25 @@ class Perceiver:
         return out, updates["batch_stats"]
 
     def _variables_fn(self, frozen: Any, image_size: tuple[int, int], context: jax.Array) -> Any:
-        """`rng -> (params, batch_stats)` of fusion + head (plus the UNet when trainable) for `image_size` images."""
+        """`rng -> (params, batch_stats)` of fusion + head (and the context adapter) for `image_size` images; the
+        block outputs' shapes do not depend on the adapter, so they are read without it."""
         images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
-        shapes = jax.eval_shape(
-            lambda x: self.block_outputs({"unet": frozen["unet"]}, frozen, x, context, jax.random.key(0)), images)
+        shapes = jax.eval_shape(lambda x: self.backbone.image_features(
+            frozen["vae"], frozen["unet"], x, context, jax.random.key(0)).block_outputs(), images)
         feats = [jnp.zeros(s.shape, s.dtype) for s in shapes]
 
         def variables(rng: jax.Array) -> tuple[Any, Any]:
             v = self.predictor.init(rng, feats, image_size, train=False)
-            return {"head": v["params"]}, v.get("batch_stats", {})
+            params = {"head": v["params"]}
+            if self.context_adapter is not None:
+                params["adapter"] = self.context_adapter.init(jax.random.fold_in(rng, 1), context)["params"]
+            return params, v.get("batch_stats", {})
 
         return variables
 
     def init(self, rng: jax.Array, frozen: Any, image_size: tuple[int, int], context: jax.Array) -> tuple[Any, Any]:
-        """(params, batch_stats) for a model taking `image_size` images; the UNet copied in when trainable. Call it
-        outside any trace (`init_shapes` gives the shapes)."""
+        """(params, batch_stats) for a model taking `image_size` images and `context` (its raw, unadapted form); the
+        UNet copied in when trainable. Call it outside any trace (`init_shapes` gives the shapes)."""
         # runs once: on CPUs XLA's backend optimisations only slow the (PRNG-heavy) compile down, ~4x
         fast_compile = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
         params, batch_stats = jax.jit(self._variables_fn(frozen, image_size, context),

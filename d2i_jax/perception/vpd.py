@@ -28,6 +28,7 @@ __all__ = [
     "SemanticFPN",
     "TextAdapter",
     "VPDDepthDecoder",
+    "VPDTaskHead",
     "channel_dropout",
     "resize_nearest",
 ]
@@ -225,6 +226,8 @@ class VPDDepthDecoder(nn.Module):
       deconv_kernels: their kernels, 2, 3 or 4 (VPD: 2, 2, 2).
       num_groups: GroupNorm groups (VPD: 16).
       max_depth: output scale in metres (NYUv2: 10).
+      activation: end in sigmoid * max_depth; False returns the map before it (for a task that applies it, as
+        `DepthTask.prediction` does).
       param_init: `layers.INITS` name of the conv initialisers.
     """
 
@@ -234,12 +237,13 @@ class VPDDepthDecoder(nn.Module):
     deconv_kernels: tuple[int, ...] = (2, 2, 2)
     num_groups: int = 16
     max_depth: float = 10.0
+    activation: bool = True
     param_init: str = "pytorch"
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], *, train: bool,
                  valid_size: tuple[int, int] | None = None) -> jax.Array:
-        """Depth `[B, H, W, 1]` in metres, H x W = 32 x the (cropped) stride-32 map.
+        """Depth `[B, H, W, 1]` in metres (or its pre-sigmoid map), H x W = 32 x the (cropped) stride-32 map.
 
         Args:
           features: the four UNet levels at strides 8, 16, 32, 64 of the (padded) image, finest first.
@@ -276,4 +280,27 @@ class VPDDepthDecoder(nn.Module):
             x = resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))
         x = nn.relu(_conv(x, self.decoder_channels, 3, "depth_conv1", pi))
         x = _conv(x, 1, 3, "depth_conv2", pi)
-        return jax.nn.sigmoid(x) * self.max_depth
+        return jax.nn.sigmoid(x) * self.max_depth if self.activation else x
+
+
+class VPDTaskHead(nn.Module):
+    """A VPD head (`SemanticFPN`, `VPDDepthDecoder`) in a task's head slot (`DensePredictor.head`).
+
+    Its output is bilinearly upsampled (half-pixel, no antialiasing, as mmseg's `resize`) by `output_stride` to the
+    input resolution `Task.prediction` promises. Its BatchNorms use batch statistics only where they may update
+    them (theta_E's training step, mutable "batch_stats"): theta_C's sampled labelling (`sample=True` with fixed
+    statistics) is then the head's eval forward, as VPD's heads have no sampled training forward of their own.
+
+    Attributes:
+      module: the VPD head, `module(features, train=..., **kwargs)`.
+      output_stride: stride of its output (`SemanticFPN` on VPD's features: 8; `VPDDepthDecoder`: 1).
+    """
+
+    module: nn.Module
+    output_stride: int = 1
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array], *, train: bool, **kwargs: jax.Array) -> jax.Array:
+        out = self.module(features, train=train and self.is_mutable_collection("batch_stats"), **kwargs)
+        s = self.output_stride
+        return resize_bilinear(out, (s * out.shape[1], s * out.shape[2])).astype(jnp.float32)

@@ -59,7 +59,8 @@ def run(r: Run) -> None:
         posterior = bb.posterior(params["vae"], images)
         recon = bb.vae.apply({"params": params["vae"]}, posterior.mean, method="decode")
         latent_rng, noise_rng = jax.random.split(rng)
-        feats = bb.features(params["unet"], bb.latents(posterior, latent_rng), context, noise_rng)
+        feats = bb.features(params["unet"], bb.latents(posterior, latent_rng, scale=bb.scale_latents), context,
+                            noise_rng)
         return recon, feats
 
     recon, feats = forward(images, jax.random.key(r.config.seed))

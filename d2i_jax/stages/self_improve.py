@@ -51,11 +51,7 @@ def steps_for(r: Run, tx: Any) -> Steps:
 
 def run(r: Run) -> None:
     cfg = r.config.self_improve
-    tx = optimizer(r)
-    steps = steps_for(r, tx)
     real, synthetic = sources(r, cfg.teacher)
-    params, batch_stats = r.load_model("warmup")
-    state = r.train_state(params, batch_stats, tx, seed_offset=2)
     # cached per source, before mixing: every example of the mix then carries its moments
     real, synthetic = with_cached_latents(r, "self_improve", {"real": real, "synthetic": synthetic}).values()
     batch = r.config.train.batch_size
@@ -69,6 +65,10 @@ def run(r: Run) -> None:
         shuffle, epochs = False, 1  # the mix spans all epochs
     else:
         raise ValueError(f"self_improve.mix must be 'pool' or 'fixed', got {cfg.mix!r}")
+    tx = optimizer(r, len(source), epochs)
+    steps = steps_for(r, tx)
+    params, batch_stats = r.load_model("warmup")
+    state = r.train_state(params, batch_stats, tx, seed_offset=2)
     print(f"[self_improve] {len(real)} real + {len(synthetic)} synthetic images ({cfg.mix}), {cfg.epochs} epochs")
     state = r.fit("self_improve", steps, state, source, epochs=epochs, shuffle=shuffle)
     if cfg.teacher == "fixed":

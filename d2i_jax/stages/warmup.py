@@ -6,16 +6,21 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from d2i_jax.data.latent_cache import WithMoments, cache_file, encode_moments
-from d2i_jax.training.steps import Steps, make_optimizer
+from d2i_jax.training.steps import LRSchedule, Steps, make_optimizer
 
 if TYPE_CHECKING:
     from d2i_jax.runner import Run
 
 
-def optimizer(r: Run):
+def optimizer(r: Run, num_examples: int, epochs: int):
+    """`config.train`'s optimiser for a stage of `epochs` passes over `num_examples` examples, which set the
+    schedule's length unless `train.total_steps` does."""
     cfg = r.config.train
+    schedule = LRSchedule(cfg.schedule, cfg.total_steps or epochs * (num_examples // cfg.batch_size),
+                          cfg.warmup_steps, cfg.warmup_ratio, cfg.poly_power, cfg.min_lr)
     return make_optimizer(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                          unet_lr_mult=r.config.model.unet_lr_mult if r.config.model.train_unet else None)
+                          unet_lr_mult=r.config.model.unet_lr_mult if r.config.model.train_unet else None,
+                          schedule=schedule)
 
 
 def with_cached_latents(r: Run, stage: str, sources: dict[str, Any]) -> dict[str, Any]:
@@ -40,10 +45,10 @@ def run(r: Run) -> None:
     if r.config.init_from:
         print(f"[warmup] config.init_from is set: theta_W is {r.model_dir('warmup')}, nothing to train")
         return
-    tx = optimizer(r)
+    source = with_cached_latents(r, "warmup", {"train": r.source(r.config.data.train_split, training=True)})["train"]
+    tx = optimizer(r, len(source), r.config.warmup.epochs)
     params, batch_stats = r.init_model()
     state = r.train_state(params, batch_stats, tx, seed_offset=1)
-    source = with_cached_latents(r, "warmup", {"train": r.source(r.config.data.train_split, training=True)})["train"]
     print(f"[warmup] {len(source)} training images, {r.config.warmup.epochs} epochs")
     state = r.fit("warmup", Steps(r.perceiver, r.task, tx), state, source, epochs=r.config.warmup.epochs)
     r.save_model("warmup", state.params, state.batch_stats)

@@ -12,7 +12,7 @@ unit normal + κ; depth: metres; segmentation: class logits); *labels* are a dic
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -116,3 +116,13 @@ def task_fields(cls: type, config: ml_collections.ConfigDict) -> dict[str, Any]:
     if "head" in out:
         out["head"] = out["head"].to_dict() if isinstance(out["head"], ml_collections.ConfigDict) else dict(out["head"])
     return out
+
+
+def head_choice(head: Mapping[str, Any], types: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """`config.task.head` as (its `type`, default `types[0]`; its other fields as module keyword arguments, lists
+    as tuples); an unknown type is an error listing `types`."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in head.items() if k != "type"}
+    kind = head.get("type", types[0])
+    if kind not in types:
+        raise ValueError(f"unknown task.head.type {kind!r}; choose from {list(types)}")
+    return kind, fields

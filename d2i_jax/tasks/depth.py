@@ -4,7 +4,9 @@
 `config.task` fields: `max_depth` (10 m on NYUv2), `min_depth` (evaluation floor, 1e-3), `silog_lambda` (VPD:
 0.5) and `silog_scale` (VPD: 1; BTS / AdaBins use 0.85 and 10), the evaluation's `eigen_crop` and `reduction`
 ("pooled": over all valid pixels of all images, the NYUD-MT multi-task convention; "per_image": the NYUv2
-single-task convention of VPD / BTS), and `head` (the `SkipDecoderHead` fields).
+single-task convention of VPD / BTS), and `head`: `type` "skip_decoder" (default: `SkipDecoderHead` on the
+Diff-2-in-1 fusion) or "vpd" (VPD's `VPDDepthDecoder` on VPD's features), plus that module's fields. Both heads end
+before the sigmoid, which `prediction` applies.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_npy_atomically, write_png_atomically
 from d2i_jax.metrics import DepthErrorAccumulator
 from d2i_jax.perception.skip_decoder import SkipDecoderHead
-from d2i_jax.tasks.base import task_fields
+from d2i_jax.perception.vpd import VPDDepthDecoder, VPDTaskHead
+from d2i_jax.tasks.base import head_choice, task_fields
 from d2i_jax.vpd_losses import silog_loss
+
+HEAD_TYPES = ("skip_decoder", "vpd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +52,14 @@ class DepthTask:
     metric_columns = (("rmse", "rmse m"), ("abs_rel", "abs_rel"), ("sq_rel", "sq_rel"), ("log10", "log10"),
                       ("rmse_log", "rmse_log"), ("delta1", "δ<1.25"), ("delta2", "δ<1.25²"), ("delta3", "δ<1.25³"))
 
+    def __post_init__(self) -> None:
+        head_choice(self.head, HEAD_TYPES)  # an unknown head type fails when the task is made
+
     def make_head(self) -> nn.Module:
-        return SkipDecoderHead(out_channels=1, **{k: tuple(v) if isinstance(v, list) else v
-                                                  for k, v in self.head.items()})
+        kind, fields = head_choice(self.head, HEAD_TYPES)
+        if kind == "vpd":
+            return VPDTaskHead(VPDDepthDecoder(activation=False, **fields))
+        return SkipDecoderHead(out_channels=1, **fields)
 
     def head_kwargs(self, labels: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
         return {}

@@ -5,7 +5,9 @@ matrix pooled over the split.
 over all pixels, ignored ones counting 0, as VPD's mmseg 0.x config; True: over the labelled pixels, as torch's
 `CrossEntropyLoss(ignore_index)`), `pseudo_label_threshold` (theta_C's labels of synthetic
 images: the argmax class where its softmax probability reaches the threshold, else ignore; 0 labels every pixel),
-`class_names` (for pictures and the per-class table in `metrics.json`) and `head` (`SkipDecoderHead` fields).
+`class_names` (for pictures, the per-class table in `metrics.json` and VPD's class-embedding context) and `head`:
+`type` "skip_decoder" (default: `SkipDecoderHead` on the Diff-2-in-1 fusion) or "semantic_fpn" (VPD's `SemanticFPN`
+on VPD's features, logits at stride 8 upsampled to the input size), plus that module's fields.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ from d2i_jax.data.atomic import write_png_atomically
 from d2i_jax.data.files import load_image
 from d2i_jax.metrics import ConfusionMatrixAccumulator
 from d2i_jax.perception.skip_decoder import SkipDecoderHead
-from d2i_jax.tasks.base import task_fields
+from d2i_jax.perception.vpd import SemanticFPN, VPDTaskHead
+from d2i_jax.tasks.base import head_choice, task_fields
 from d2i_jax.vpd_losses import cross_entropy_ignore
+
+HEAD_TYPES = ("skip_decoder", "semantic_fpn")
+SEMANTIC_FPN_STRIDE = 8  # VPD's FPN logits come out at its finest feature, stride 8 of the image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +58,20 @@ class SegmentationTask:
             raise ValueError(f"task.class_names has {len(self.class_names)} names for {self.num_classes} classes")
         if not 0 <= self.pseudo_label_threshold < 1:
             raise ValueError(f"task.pseudo_label_threshold must be in [0, 1), got {self.pseudo_label_threshold}")
+        head_choice(self.head, HEAD_TYPES)  # an unknown head type fails when the task is made
 
     def make_head(self) -> nn.Module:
-        return SkipDecoderHead(out_channels=self.num_classes, **{k: tuple(v) if isinstance(v, list) else v
-                                                                 for k, v in self.head.items()})
+        kind, fields = head_choice(self.head, HEAD_TYPES)
+        if kind == "semantic_fpn":
+            return VPDTaskHead(SemanticFPN(num_classes=self.num_classes, **fields), output_stride=SEMANTIC_FPN_STRIDE)
+        return SkipDecoderHead(out_channels=self.num_classes, **fields)
 
     def head_kwargs(self, labels: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
-        return {}
+        """The semantic FPN's `Dropout2d` key (training only); the skip decoder takes none."""
+        return {"dropout_key": rng} if head_choice(self.head, HEAD_TYPES)[0] == "semantic_fpn" else {}
 
     def unlabelled_head_kwargs(self, rng: jax.Array) -> dict[str, Any]:
+        """None: neither head has a sampled forward (`VPDTaskHead` labels with its eval forward, no dropout)."""
         return {}
 
     @staticmethod

@@ -10,7 +10,8 @@ theta_C labels in one of `LABEL_MODES`:
   prediction upsampled, only the uncertainty-sampled points refined at each level; every pixel valid); the label
   is the full-resolution map.
 - "eval": theta_C's fusion and head in test mode (every pixel refined) on theta_E's features (its own features
-  only when the UNet is trained); a deterministic reading of the paper's "theta_C predicts the label".
+  only when they depend on trained params: UNet or context adapter); a deterministic reading of the paper's
+  "theta_C predicts the label".
 Neither mode changes theta_C's normalisation state.
 """
 
@@ -86,13 +87,13 @@ class Steps:
         feat_rng, label_rng, sample_rng = jax.random.split(rng, 3)
         images, moments = batch[keys.IMAGE], batch.get(keys.MOMENTS)  # cached VAE posterior: no encode
         size = images.shape[1:3]
-        trainable_unet = self.perceiver.train_unet
-        feats = None if trainable_unet else self.perceiver.block_outputs(state.params, frozen, images, context,
+        trainable_features = self.perceiver.trainable_features
+        feats = None if trainable_features else self.perceiver.block_outputs(state.params, frozen, images, context,
                                                                          feat_rng, moments)
         labels = self.labels(state, frozen, batch, context, label_rng, feats)
 
         def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-            f = (self.perceiver.block_outputs(params, frozen, images, context, feat_rng, moments) if trainable_unet
+            f = (self.perceiver.block_outputs(params, frozen, images, context, feat_rng, moments) if trainable_features
                  else feats)
             out, new_stats = self.perceiver.head(params, state.batch_stats, f, size, train=True,
                                                  **self.task.head_kwargs(labels, sample_rng))
@@ -119,10 +120,10 @@ class Steps:
     def predict(self, models: dict[str, tuple[Any, Any]], frozen: Any, images: jax.Array, context: jax.Array,
                 rng: jax.Array, moments: jax.Array | None = None) -> dict[str, jax.Array]:
         """Eval-mode dense predictions at the input resolution (e.g. `[B, H, W, 4]` for normals) of several
-        models `{name: (params, batch_stats)}`; with a frozen UNet they share one backbone pass. `moments`: the
-        images' cached VAE posterior (`keys.MOMENTS`), which skips the VAE encoder."""
-        shared = None if self.perceiver.train_unet else self.perceiver.block_outputs({}, frozen, images, context, rng,
-                                                                                     moments)
+        models `{name: (params, batch_stats)}`; when the features depend on no trained params they share one backbone
+        pass. `moments`: the images' cached VAE posterior (`keys.MOMENTS`), which skips the VAE encoder."""
+        shared = None if self.perceiver.trainable_features else self.perceiver.block_outputs({}, frozen, images,
+                                                                                             context, rng, moments)
         out = {}
         for name, (params, batch_stats) in models.items():
             feats = shared or self.perceiver.block_outputs(params, frozen, images, context, rng, moments)
@@ -131,20 +132,63 @@ class Steps:
         return out
 
 
+SCHEDULES = ("constant", "poly")
+
+
+@dataclasses.dataclass(frozen=True)
+class LRSchedule:
+    """The learning-rate schedule of `make_optimizer`, applied to each param group's base lr.
+
+    "constant" (the public Diff-2-in-1 code) or "poly", mmcv's `PolyLrUpdaterHook` with its linear warm-up (VPD's
+    ADE20K schedule, per iteration): lr(step) = ((base - min_lr) (1 - step / total_steps)^power + min_lr) x w(step),
+    w = 1 - (1 - step / warmup_steps) (1 - warmup_ratio) for step < warmup_steps, else 1. `min_lr` is absolute, not
+    scaled per group, as mmcv's.
+    """
+
+    kind: str = "constant"
+    total_steps: int = 0
+    warmup_steps: int = 0
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.kind!r}; use one of {SCHEDULES}")
+        if self.kind == "poly" and self.total_steps <= 0:
+            raise ValueError(f"the poly lr schedule needs total_steps > 0, got {self.total_steps}")
+
+    def __call__(self, base: float) -> float | optax.Schedule:
+        """The schedule of a group whose base lr is `base` (a float when constant)."""
+        if self.kind == "constant":
+            return base
+        poly = optax.polynomial_schedule(base, self.min_lr, self.power, self.total_steps)
+        if not self.warmup_steps:
+            return poly
+        ratio, n = self.warmup_ratio, self.warmup_steps  # ratio + (1 - ratio) s / n: exact at s = 0 in float32
+        return lambda step: poly(step) * (ratio + (1 - ratio) * jnp.minimum(step, n) / n)
+
+
 def make_optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0, grad_clip: float = 0.0,
-                   unet_lr_mult: float | None = None) -> optax.GradientTransformation:
-    """Adam (public code: constant 3.57e-4) or AdamW, optional global-norm clipping; `unet_lr_mult` scales the
-    UNet's learning rate when it is trained (VPD: 0.1)."""
+                   unet_lr_mult: float | None = None, schedule: LRSchedule = LRSchedule()
+                   ) -> optax.GradientTransformation:
+    """Adam (public code: constant 3.57e-4) or AdamW under `schedule`, optional global-norm clipping.
+
+    `unet_lr_mult` scales the UNet's learning rate when it is trained (VPD: 0.1 on ADE20K, 0.01 on NYUv2 depth); the
+    other groups ("head", "adapter") train at `learning_rate`. Deviation from VPD's ADE20K config: its mmcv
+    `paramwise_cfg` matches names by substring, so UNet params whose name contains "norm" (the attention blocks'
+    GroupNorm and LayerNorms) train at lr x1 without weight decay; here every UNet param gets `unet_lr_mult` and the
+    weight decay.
+    """
     def base(lr: float) -> optax.GradientTransformation:
         if name == "adam":
-            return optax.adam(lr)
+            return optax.adam(schedule(lr))
         if name == "adamw":
-            return optax.adamw(lr, weight_decay=weight_decay)
+            return optax.adamw(schedule(lr), weight_decay=weight_decay)
         raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'adamw'")
 
     tx = base(learning_rate)
     if unet_lr_mult is not None:
         tx = optax.multi_transform({"head": tx, "unet": base(learning_rate * unet_lr_mult)},
-                                   lambda params: {k: k for k in params})
+                                   lambda params: {k: "unet" if k == "unet" else "head" for k in params})
     return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
-
