@@ -10,7 +10,7 @@ on VPD"). VPD's values cite wl-zhao/VPD files: `fpn_vpd` = `segmentation/configs
 `vpd/models.py`. Where the paper or VPD's code differs from what runs here, the comment says so.
 
 Not here yet: VPD's cross-attention maps appended to two feature levels (`in_channels=[320, 790, 1430, 1280]`; this
-path gives 320, 640, 1280, 1280), its mmseg train augmentation and slide-window evaluation.
+path gives 320, 640, 1280, 1280).
 """
 
 import ml_collections
@@ -59,8 +59,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.root = ""  # required: the folder holding ADEChallengeData2016
     c.data.train_split = "training"  # 20,210 images
     c.data.test_split = "validation"  # 2,000 images, evaluated at their own size
-    c.data.image_size = (512, 512)  # ade20k_vpd crop_size; until VPD's augmentation module lands, whole images are
-    # resized to it (VPD: resize ratio 0.5-2, 512 crop with cat_max_ratio 0.75, flip, photometric distortion)
+    c.data.image_size = (512, 512)  # ade20k_vpd crop_size: the model's input (training crops, evaluation windows)
+    c.data.augment.kind = "mmseg_seg"  # ade20k_vpd train_pipeline (`d2i_jax.data.seg_augment`): the training images
+    # are read at their own size, then
+    c.data.augment.scale = (2048, 512)  # Resize(img_scale=(2048, 512), keep ratio,
+    c.data.augment.ratio_range = (0.5, 2.0)  # ratio_range=(0.5, 2.0)),
+    c.data.augment.crop_size = (512, 512)  # RandomCrop(crop_size, cat_max_ratio=0.75), RandomFlip(0.5),
+    c.data.augment.cat_max_ratio = 0.75  # PhotoMetricDistortion(), Pad(512, pad_val=0, seg_pad_val=255)
     c.data.fallback_caption = ""  # ADE20K has no captions (paper App. A.2: BLIP-2 captions for the creation prompts)
 
     c.train.batch_size = 16  # fpn_vpd samples_per_gpu=2 x 8 GPUs (SyncBN over all 16)
@@ -90,7 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.self_improve.label_mode = "eval"  # no public code: theta_C's eval-mode prediction (VPD's heads have no sampled
     # forward, so "public" would only differ by a second backbone pass, which the trained UNet needs anyway)
 
-    c.evaluate.batch_size = 1  # the validation images differ in size
-    c.evaluate.protocol = "public"  # mmseg: bilinear resize of the logits without antialiasing (VPD: slide
-    # windows 512 / stride 341, not here yet)
+    c.evaluate.batch_size = 8  # windows per jitted call (the validation images differ in size)
+    c.evaluate.protocol = "public"  # mmseg: bilinear resize of the logits without antialiasing
+    c.evaluate.inference = "slide"  # fpn_r50 test_cfg mode='slide': each image resized keeping its ratio to
+    c.evaluate.scale = (2048, 512)  # ade20k_vpd test_pipeline img_scale=(2048, 512),
+    c.evaluate.stride = (341, 341)  # windows of data.image_size, stride=(341, 341), logits averaged where they
+    # overlap, resized to the original size
     return c

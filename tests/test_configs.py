@@ -116,6 +116,12 @@ def test_ade20k_config_is_vpds_segmentation_setting():
     assert c.task.head.feature_strides == (4, 8, 16, 32) and c.task.head.dropout_ratio == 0.1
     assert c.data.name == "ade20k" and c.data.image_size == (512, 512)
     assert (c.data.train_split, c.data.test_split) == ("training", "validation")
+    # ade20k_vpd train pipeline: keep-ratio resize into (2048, 512) x U(0.5, 2), 512 crop with cat_max_ratio 0.75
+    a = c.data.augment
+    assert a.kind == "mmseg_seg" and a.scale == (2048, 512) and a.ratio_range == (0.5, 2.0)
+    assert a.crop_size == (512, 512) and a.cat_max_ratio == 0.75
+    # fpn_r50 test_cfg: slide windows of 512 with stride 341 on the keep-ratio (2048, 512) resize
+    assert c.evaluate.inference == "slide" and c.evaluate.scale == (2048, 512) and c.evaluate.stride == (341, 341)
     # AdamW 8e-5, wd 1e-3, poly power 1 to 0 after 1,500 linear warm-up iterations from 1e-6, batch 16, ~80k its
     assert c.train.optimizer == "adamw" and c.train.lr == 8e-5 and c.train.weight_decay == 1e-3
     assert c.train.grad_clip == 0 and c.train.batch_size == 16
