@@ -85,19 +85,22 @@ def test_theta_c_labels_are_its_prediction_under_stop_gradient(config, sd_path, 
     context = jnp.asarray(r.contexts(["", ""]))
     rng = jax.random.key(0)
 
-    def labels_of(ema_params):
-        return steps.labels(state.replace(ema_params=ema_params), r.frozen, batch, context, rng)
+    # "eval" mode: theta_C's head on theta_E's features (computed once here, so only the heads are differentiated)
+    feats = jax.jit(r.perceiver.block_outputs)(state.params, r.frozen, batch[keys.IMAGE], context, rng)
 
-    labels = labels_of(state.ema_params)
-    feats = r.perceiver.block_outputs(state.ema_params, r.frozen, batch[keys.IMAGE], context, rng)
-    out, _ = r.perceiver.head(state.ema_params, state.ema_batch_stats, feats, (64, 64), train=False)
-    pseudo = r.task.pseudo_labels(r.task.prediction(out))
+    def labels_of(ema_params):
+        return steps.labels(state.replace(ema_params=ema_params), r.frozen, batch, context, rng, feats)
+
+    def predict(ema_params):
+        return r.task.prediction(r.perceiver.head(ema_params, state.ema_batch_stats, feats, (64, 64), train=False)[0])
+
+    labels = jax.jit(labels_of)(state.ema_params)
+    pseudo = r.task.pseudo_labels(jax.jit(predict)(state.ema_params))
     for k in r.task.label_keys:
         np.testing.assert_array_equal(np.asarray(labels[k][0]), np.asarray(batch[k][0]))  # real: ground truth
         np.testing.assert_allclose(np.asarray(labels[k][1]), np.asarray(pseudo[k][1]), rtol=1e-5, atol=1e-5)
     key = r.task.label_keys[0]
-    grads = jax.grad(lambda p: jnp.sum(labels_of(p)[key].astype(jnp.float32)))(state.ema_params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(labels_of(p)[key].astype(jnp.float32))))(state.ema_params)
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
-    direct = jax.grad(lambda p: jnp.sum(r.task.prediction(r.perceiver.head(
-        p, state.ema_batch_stats, feats, (64, 64), train=False)[0])))(state.ema_params)
+    direct = jax.jit(jax.grad(lambda p: jnp.sum(predict(p))))(state.ema_params)
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(direct))  # the gradient stop_gradient cuts
