@@ -8,6 +8,7 @@ cuDNN cannot run (the VAE's 512-wide head, fp32 inputs) falls back to XLA on its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import einops
@@ -103,6 +104,16 @@ def dot_product_attention(
     return einops.rearrange(out, "b l h d -> b l (h d)")
 
 
+def head_mean_probs(q: jax.Array, k: jax.Array, *, num_heads: int) -> jax.Array:
+    """`softmax(q k^T / sqrt(head_dim))` in fp32, averaged over heads: `[B, T, S]` from `[B, T, H*D]`, `[B, S, H*D]`.
+
+    The probabilities the fused kernels never materialise, computed on their own (VPD's cross-attention maps).
+    """
+    split = lambda x: einops.rearrange(x.astype(jnp.float32), "b l (h d) -> b h l d", h=num_heads)
+    logits = jnp.einsum("bhtd,bhsd->bhts", split(q), split(k)) * (q.shape[-1] // num_heads) ** -0.5
+    return jax.nn.softmax(logits, axis=-1).mean(axis=1)
+
+
 def projected_attention(
     x: jax.Array,
     context: jax.Array | None,
@@ -114,11 +125,13 @@ def projected_attention(
     implementation: AttentionImpl,
     dtype: jnp.dtype,
     param_dtype: jnp.dtype,
+    record_probs: Callable[[jax.Array], None] | None = None,
 ) -> jax.Array:
     """diffusers `Attention` projections (to_q / to_k / to_v / to_out_0) around `dot_product_attention`.
 
     Call it inside a compact method: the Dense layers become children of the calling module, which is how
-    the VAE keeps them beside its own `group_norm` as in the diffusers state dict.
+    the VAE keeps them beside its own `group_norm` as in the diffusers state dict. `record_probs`, if given, receives
+    the head-averaged attention probabilities (`head_mean_probs`), whatever kernel computes the output.
     """
     context = x if context is None else context
     dense = lambda features, name, bias: nn.Dense(
@@ -127,25 +140,34 @@ def projected_attention(
     q = dense(inner_dim, "to_q", qkv_bias)(x)
     k = dense(inner_dim, "to_k", qkv_bias)(context)
     v = dense(inner_dim, "to_v", qkv_bias)(context)
+    if record_probs is not None:
+        record_probs(head_mean_probs(q, k, num_heads=num_heads))
     out = dot_product_attention(q, k, v, num_heads=num_heads, implementation=implementation)
     return dense(out_dim, "to_out_0", True)(out)
 
 
 class Attention(nn.Module):
-    """Self- or cross-attention with diffusers parameter names (`to_out.0` becomes `to_out_0`)."""
+    """Self- or cross-attention with diffusers parameter names (`to_out.0` becomes `to_out_0`).
+
+    With `record_probs` a cross-attention call (context given) sows its head-averaged probabilities `[B, T, S]`
+    (fp32) as `intermediates/<path>/probs`, when applied with `mutable=["intermediates"]` (VPD's attention maps).
+    """
 
     inner_dim: int
     out_dim: int
     num_heads: int
     qkv_bias: bool = False
     attention_impl: AttentionImpl = "xla"
+    record_probs: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        record = self.record_probs and context is not None and self.is_mutable_collection("intermediates")
         return projected_attention(
             x, context, inner_dim=self.inner_dim, out_dim=self.out_dim, num_heads=self.num_heads,
             qkv_bias=self.qkv_bias, implementation=self.attention_impl, dtype=self.dtype,
             param_dtype=self.param_dtype,
+            record_probs=(lambda p: self.sow("intermediates", "probs", p)) if record else None,
         )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -55,15 +57,19 @@ class UNetFeatures:
       mid: the middle block's output.
       up: per up block, the output of each of its layers; a block's last layer is captured after the
         block's upsampler where it has one.
+      cross_attention: the head-averaged probabilities `[B, h*w, L]` of the down- and up-block cross-attention
+        layers (`record_attention`, `cross_attention_probs`), in call order; empty unless asked for.
     """
 
     down: tuple[jax.Array, ...]
     mid: jax.Array
     up: tuple[tuple[jax.Array, ...], ...]
+    cross_attention: tuple[jax.Array, ...] = ()
 
     def block_outputs(self) -> list[jax.Array]:
-        """All block outputs in REFERENCE §1.1 order: down path, middle, up path (25 for SD1.5)."""
-        return [*self.down, self.mid, *(x for block in self.up for x in block)]
+        """All block outputs in REFERENCE §1.1 order: down path, middle, up path (25 for SD1.5), then the
+        `cross_attention` maps (rank 3, where recorded)."""
+        return [*self.down, self.mid, *(x for block in self.up for x in block), *self.cross_attention]
 
     def up_block_outputs(self) -> list[jax.Array]:
         """The output of each up block (its last, upsampled layer), coarse to fine (GenPercept). VPD's picks differ
@@ -131,6 +137,7 @@ class BasicTransformerBlock(nn.Module):
     dim: int
     num_heads: int
     attention_impl: AttentionImpl = "xla"
+    record_attention: bool = False  # attn2 sows its head-averaged probabilities (`Attention.record_probs`)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -139,12 +146,12 @@ class BasicTransformerBlock(nn.Module):
         ln = lambda name: nn.LayerNorm(
             epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, use_fast_variance=False, name=name
         )
-        attn = lambda name: Attention(
-            self.dim, self.dim, self.num_heads, attention_impl=self.attention_impl, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name,
+        attn = lambda name, record: Attention(
+            self.dim, self.dim, self.num_heads, attention_impl=self.attention_impl, record_probs=record,
+            dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         )
-        x = x + attn("attn1")(ln("norm1")(x))
-        x = x + attn("attn2")(ln("norm2")(x), context)
+        x = x + attn("attn1", False)(ln("norm1")(x))
+        x = x + attn("attn2", self.record_attention)(ln("norm2")(x), context)
         return x + FeedForward(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(ln("norm3")(x))
 
 
@@ -159,6 +166,7 @@ class Transformer2DModel(nn.Module):
     attention_impl: AttentionImpl = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    record_attention: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -178,7 +186,7 @@ class Transformer2DModel(nn.Module):
             y = project(inner, "proj_in")(y).reshape(b, h * w, inner)
         for i in range(self.num_layers):
             y = BasicTransformerBlock(
-                inner, self.num_heads, self.attention_impl, self.dtype, self.param_dtype,
+                inner, self.num_heads, self.attention_impl, self.record_attention, self.dtype, self.param_dtype,
                 name=f"transformer_blocks_{i}",
             )(y, context)
         if self.use_linear_projection:
@@ -201,6 +209,7 @@ class _BlockCommon(nn.Module):
     norm_eps: float = 1e-5
     attention_impl: AttentionImpl = "xla"
     remat_policy: str = "none"
+    record_attention: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -213,7 +222,7 @@ class _BlockCommon(nn.Module):
         return _layer_class(Transformer2DModel, self.remat_policy)(
             self.num_heads, self.out_channels // self.num_heads, self.transformer_layers,
             self.use_linear_projection, self.norm_num_groups, self.attention_impl, self.dtype, self.param_dtype,
-            name=f"attentions_{i}",
+            self.record_attention, name=f"attentions_{i}",
         )
 
 
@@ -293,6 +302,10 @@ class UNet2DConditionModel(nn.Module):
       norm_num_groups / norm_eps: GroupNorm settings of resnets and the output norm.
       attention_impl: `"xla"`, `"cudnn"` (flash attention on NVIDIA GPUs; layers it cannot run fall back to XLA)
         or `"auto"` (cuDNN on a GPU backend, else XLA).
+      record_attention: the cross-attention of every down- and up-block transformer (not the middle block's) sows
+        its head-averaged probabilities `[B, h*w, L]` (fp32) as `intermediates/.../attn2/probs` when applied with
+        `mutable=["intermediates"]` (`cross_attention_probs` reads them; VPD's attention maps). Off, or without the
+        mutable collection, nothing is computed; the outputs never change.
       remat_policy: rematerialisation of each resnet and spatial transformer for the backward pass, one of
         `REMAT_POLICIES` (`"none"`, `"full"`, `"dots"`, `"dots_no_batch"`): less activation memory for a full
         fine-tune at the cost of recomputation; the forward pass and the parameter tree are unchanged.
@@ -314,6 +327,7 @@ class UNet2DConditionModel(nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     attention_impl: AttentionImpl = "xla"
+    record_attention: bool = False
     remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -323,8 +337,9 @@ class UNet2DConditionModel(nn.Module):
         """Spatial factor between the latent and the coarsest level."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    def _block_kwargs(self, level: int, block_type: str) -> dict[str, Any]:
+    def _block_kwargs(self, level: int, block_type: str, *, record_attention: bool) -> dict[str, Any]:
         return dict(
+            record_attention=record_attention,
             out_channels=self.block_out_channels[level],
             has_attention=block_type.startswith("CrossAttn"),
             num_heads=self.num_heads[level],
@@ -383,11 +398,12 @@ class UNet2DConditionModel(nn.Module):
                 num_layers=self.layers_per_block[level],
                 add_downsample=level < n_levels - 1,
                 name=f"down_blocks_{level}",
-                **self._block_kwargs(level, block_type),
+                **self._block_kwargs(level, block_type, record_attention=self.record_attention),
             )(x, temb, context)
             down.extend(outs)
 
-        x = MidBlock(num_layers=1, name="mid_block", **self._block_kwargs(n_levels - 1, "CrossAttn"))(x, temb, context)
+        x = MidBlock(num_layers=1, name="mid_block", **self._block_kwargs(n_levels - 1, "CrossAttn",
+                                                                          record_attention=False))(x, temb, context)
         mid = x
 
         skips = list(down)
@@ -400,7 +416,7 @@ class UNet2DConditionModel(nn.Module):
                 num_layers=n_layers,
                 add_upsample=i < n_levels - 1,
                 name=f"up_blocks_{i}",
-                **self._block_kwargs(level, block_type),
+                **self._block_kwargs(level, block_type, record_attention=self.record_attention),
             )(x, block_skips, temb, context)
             up.append(outs)
 
@@ -409,6 +425,14 @@ class UNet2DConditionModel(nn.Module):
         if return_features:
             return out, UNetFeatures(down=tuple(down), mid=mid, up=tuple(up))
         return out
+
+
+def cross_attention_probs(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The probabilities a `record_attention` UNet sowed, `[B, h*w, L]` per cross-attention layer in call order,
+    keyed by the layer's diffusers path (`down_blocks.0.attentions.0.transformer_blocks.0.attn2`)."""
+    flat = flax.traverse_util.flatten_dict(dict(intermediates))
+    name = lambda path: ".".join(re.sub(r"_(\d+)$", r".\1", part) for part in path[:-1])
+    return {name(path): value[0] for path, value in flat.items() if path[-1] == "probs"}
 
 
 _SUPPORTED = {

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from d2i_jax.diffusion.schedule import NoiseSchedule, q_sample
-from d2i_jax.models.unet import UNet2DConditionModel, UNetFeatures
+from d2i_jax.models.unet import UNet2DConditionModel, UNetFeatures, cross_attention_probs
 from d2i_jax.models.vae import AutoencoderKL, Posterior
 
 
@@ -33,6 +33,8 @@ class Backbone:
         (it feeds `encode(x).mode()` as is).
       noise_features: `q_sample` the latent to `t_feat` before the UNet pass (Diff-2-in-1); False feeds the clean
         latent with the timestep `t_feat` (VPD: t = 1).
+      attention_maps: the features also carry the cross-attention probabilities of the down and up blocks
+        (`UNetFeatures.cross_attention`; VPD's attention maps, read by its feature path).
     """
 
     vae: AutoencoderKL
@@ -42,6 +44,7 @@ class Backbone:
     sample_posterior: bool = True
     scale_latents: bool = True
     noise_features: bool = True
+    attention_maps: bool = False
 
     def posterior(self, vae_params: Any, images: jax.Array) -> Posterior:
         """`[B, H, W, 3]` images in [-1, 1] -> the VAE posterior over unscaled latents (cacheable per image)."""
@@ -53,6 +56,15 @@ class Backbone:
         z = posterior.sample(rng) if self.sample_posterior else posterior.mean
         return z * self.vae.scaling_factor if scale else z
 
+    def unet_pass(self, unet_params: Any, latents: jax.Array, t: jax.Array, context: jax.Array
+                  ) -> tuple[jax.Array, UNetFeatures]:
+        """One UNet call -> (prediction, block outputs), with the cross-attention maps when `attention_maps`."""
+        if not self.attention_maps:
+            return self.unet.apply({"params": unet_params}, latents, t, context, return_features=True)
+        (out, feats), state = self.unet.clone(record_attention=True).apply(
+            {"params": unet_params}, latents, t, context, return_features=True, mutable=["intermediates"])
+        return out, feats.replace(cross_attention=tuple(cross_attention_probs(state["intermediates"]).values()))
+
     def features(
         self, unet_params: Any, latents: jax.Array, context: jax.Array, rng: jax.Array
     ) -> UNetFeatures:
@@ -62,8 +74,7 @@ class Backbone:
         if self.noise_features:
             noisy = q_sample(self.schedule, latents, jax.random.normal(rng, latents.shape, latents.dtype), t)
         context = jnp.broadcast_to(context, (latents.shape[0], *context.shape[1:]))
-        _, feats = self.unet.apply({"params": unet_params}, noisy, t, context, return_features=True)
-        return feats
+        return self.unet_pass(unet_params, noisy, t, context)[1]
 
     def image_features(
         self, vae_params: Any, unet_params: Any, images: jax.Array, context: jax.Array, rng: jax.Array,

@@ -76,7 +76,7 @@ class PairGenerator:
             x_t = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys[:, 1])
 
         def denoise(x: jax.Array, t: jax.Array, ctx: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-            out, feats = bb.unet.apply({"params": unet_params}, x, t, ctx, return_features=True)
+            out, feats = bb.unet_pass(unet_params, x, t, ctx)
             return out, feats.block_outputs()
 
         z, block_outputs = ddim_sample(
