@@ -3,6 +3,8 @@ per-resolution averages and channel counts of VPD's features, and that recording
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,10 @@ from d2i_jax.models.loading import load_stable_diffusion
 from d2i_jax.models.unet import cross_attention_probs
 from d2i_jax.perception.feature_paths import vpd
 from tests.sd_reference import UNET_SD1, UNET_SD15
+from tests.tiny_pipeline import FAST_COMPILE
 
 ATOL = 1e-5
+_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 class RecordingProcessor:
@@ -46,7 +50,7 @@ def unets(tmp_path_factory):
     return ref, sd.unet, sd.params["unet"]
 
 
-def test_recorded_maps_match_diffusers(unets):
+def test_recorded_maps_match_diffusers_and_change_no_output(unets):
     ref, unet, params = unets
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
@@ -62,9 +66,20 @@ def test_recorded_maps_match_diffusers(unets):
     with torch.no_grad():
         ref(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(ctx))
 
-    apply = jax.jit(lambda p: unet.clone(record_attention=True).apply(
-        {"params": p}, x, t, ctx, return_features=True, mutable=["intermediates"]))
-    (_, feats), state = apply(params)
+    recording = unet.clone(record_attention=True)
+
+    def both(p):
+        plain = unet.apply({"params": p}, x, t, ctx, return_features=True)
+        return plain, recording.apply({"params": p}, x, t, ctx, return_features=True, mutable=["intermediates"])
+
+    plain, (with_maps, state) = _jit(both)(params)
+    # recording changes no output, and sows nothing without the mutable collection
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(with_maps), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert plain[1].cross_attention == ()
+    _, unsown = jax.eval_shape(lambda p: recording.apply({"params": p}, x, t, ctx, mutable=["batch_stats"]), params)
+    assert "intermediates" not in unsown
+
     ours = cross_attention_probs(state["intermediates"])
     assert list(ours) == list(store)  # same layers (down and up, not mid), same call order
     assert len(ours) == 2 * 2 + 2 * 3  # 2 attention levels: 2 down + 3 up layers each
@@ -75,24 +90,8 @@ def test_recorded_maps_match_diffusers(unets):
     # per resolution (latent 16: only the 8x8 maps are kept), mean of the 5 layers there
     maps = vpd.attention_maps(list(ours.values()), (16, 16))
     assert list(maps) == [(8, 8)]
-    expected = np.mean([v.numpy() for k, v in store.items() if v.shape[1] == 64], 0).reshape(2, 8, 8, 7)
+    expected = np.mean([v.numpy() for v in store.values() if v.shape[1] == 64], 0).reshape(2, 8, 8, 7)
     np.testing.assert_allclose(np.asarray(maps[(8, 8)]), expected, atol=ATOL, rtol=0)
-
-
-def test_recording_changes_no_output(unets):
-    _, unet, params = unets
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)
-    ctx = rng.standard_normal((1, 5, UNET_SD1["cross_attention_dim"])).astype(np.float32)
-    plain = jax.jit(lambda p: unet.apply({"params": p}, x, 1, ctx, return_features=True))(params)
-    (recorded, _) = jax.jit(lambda p: unet.clone(record_attention=True).apply(
-        {"params": p}, x, 1, ctx, return_features=True, mutable=["intermediates"]))(params)
-    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(recorded), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # without the mutable collection a recording UNet sows nothing
-    _, state = unet.clone(record_attention=True).apply({"params": params}, x, 1, ctx, mutable=["batch_stats"])
-    assert "intermediates" not in state
-    assert plain[1].cross_attention == ()
 
 
 def test_vpd_features_with_maps_at_sd15_size():
