@@ -8,9 +8,6 @@ self-improving stage applies Diff-2-in-1 to it (paper App. A.1: "we directly app
 on VPD"). VPD's values cite wl-zhao/VPD files: `fpn_vpd` = `segmentation/configs/fpn_vpd_sd1-5_512x512_gpu8x2.py`,
 `fpn_r50` / `ade20k_vpd` / `schedule_80k` = its `_base_` files, `vpd_seg` = `segmentation/models/vpd_seg.py`,
 `vpd/models.py`. Where the paper or VPD's code differs from what runs here, the comment says so.
-
-Not here yet: VPD's cross-attention maps appended to two feature levels (`in_channels=[320, 790, 1430, 1280]`; this
-path gives 320, 640, 1280, 1280).
 """
 
 import ml_collections
@@ -25,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # the feature pass (vpd_seg `extract_feat`, vpd/models.py `UNetWrapper`)
     c.model.features = "vpd"  # UNet output_blocks 1, 4, 7, 11, fine to coarse (vpd/models.py register_hier_output)
+    c.model.attention_maps = True  # vpd/models.py AttentionStore / UNetWrapper.process_attn (use_attn=True): the
+    # head-averaged cross-attention maps at 16x16 and 32x32 appended: neck in_channels=[320, 790, 1430, 1280]
     c.model.t_feat = 1  # vpd_seg: t = torch.ones(B).long() (the paper says T = 0)
     c.model.sample_posterior = False  # vpd_seg: encoder_vq.encode(img).mode()
     c.model.scale_latents = False  # vpd_seg: no 0.18215 (get_first_stage_encoding is never called)

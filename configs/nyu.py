@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.unet_lr_mult = 0.1  # when train_unet (VPD-style)
     c.model.features = "diff2in1"  # feature path plug-in (`d2i_jax.perception.feature_paths`): all 25 UNet block
     # outputs through the public fusion (`c.fusion`)
+    c.model.attention_maps = False  # VPD's cross-attention maps appended to its features (`features = "vpd"` only)
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "normals"

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.stages = ("warmup", "create", "self_improve", "evaluate")
 
     c.model.features = "vpd"  # model.py VPDDepthEncoder: UNet output_blocks 1, 4, 7, 11 (use_attn=False)
+    c.model.attention_maps = False  # depth/models_depth/model.py: UNetWrapper(..., use_attn=False)
     c.model.t_feat = 1  # model.py: t = torch.ones(B).long()
     c.model.sample_posterior = False  # model.py: encoder_vq.encode(x).mode()
     c.model.scale_latents = False  # model.py: no 0.18215

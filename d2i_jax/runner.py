@@ -88,10 +88,14 @@ class Run:
 
     @functools.cached_property
     def backbone(self) -> Backbone:
+        model = self.config.model
+        if model.attention_maps and model.features != "vpd":
+            raise ValueError(f"config.model.attention_maps is VPD's: it needs model.features='vpd', not "
+                             f"{model.features!r}")
         return Backbone(
             vae=self.sd.vae, unet=self.sd.unet, schedule=NoiseSchedule.from_config(self.sd.scheduler_config),
-            t_feat=self.config.model.t_feat, sample_posterior=self.config.model.sample_posterior,
-            scale_latents=self.config.model.scale_latents, noise_features=self.config.model.noise_features,
+            t_feat=model.t_feat, sample_posterior=model.sample_posterior, scale_latents=model.scale_latents,
+            noise_features=model.noise_features, attention_maps=model.attention_maps,
         )
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one Run per process; prompts are few

@@ -108,6 +108,7 @@ def test_ade20k_config_is_vpds_segmentation_setting():
     assert c.model.features == "vpd" and c.model.t_feat == 1
     assert not (c.model.sample_posterior or c.model.scale_latents or c.model.noise_features)
     assert c.model.context == "class_embeddings" and c.model.context_adapter
+    assert c.model.attention_maps  # vpd/models.py use_attn: neck in_channels [320, 790, 1430, 1280]
     assert c.model.train_unet and c.model.unet_lr_mult == 0.1
     # FPN neck + FPNHead on 150 classes, mmseg 0.x cross-entropy, ADE20K reduce_zero_label classes
     assert c.task.name == "segmentation" and c.task.num_classes == 150 and c.task.class_names == CLASSES
@@ -137,7 +138,7 @@ def test_ade20k_config_is_vpds_segmentation_setting():
 def test_nyu_depth_config_is_vpds_depth_setting():
     c = nyu_depth.get_config()
     _vpd_plugins_exist(c)
-    assert c.model.features == "vpd" and c.model.t_feat == 1
+    assert c.model.features == "vpd" and c.model.t_feat == 1 and not c.model.attention_maps
     assert not (c.model.sample_posterior or c.model.scale_latents or c.model.noise_features)
     assert c.model.train_unet and c.model.unet_lr_mult == 0.01
     assert c.task.name == "depth" and c.task.head.type == "vpd"

@@ -63,6 +63,10 @@ class PairGenerator:
           `rgb [B, H, W, 3]` (clipped to [-1, 1]) and the task prediction at that size.
         """
         bb = self.perceiver.backbone
+        if bb.attention_maps:
+            raise NotImplementedError(
+                "generation labels from the caption-conditioned denoising pass, whose cross-attention maps have one "
+                "channel per caption token, not per class: model.attention_maps needs a separate labelling pass")
         unet_params = head_params["unet"] if self.perceiver.train_unet else frozen["unet"]
         keys = jax.vmap(lambda k: jax.random.split(k, 3))(rngs)
         if self.start_t is not None:
