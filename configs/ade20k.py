@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmup.epochs = 63  # schedule_80k max_iters=80000 = 63.3 epochs of 20,210 images at batch 16
 
     c.create.num_images = -1  # paper §5: one synthetic image per training image
+    c.create.label_pass = "perception"  # theta_W labels each generated image through VPD's own feature pass
+    # (unscaled latent, class-embedding context, attention maps), not the caption-conditioned denoising pass
+    c.generate.label_pass = "perception"
     c.create.batch_size = 16
 
     c.self_improve.epochs = 32  # paper App. A.3: theta_E "continues the same training scheme" (length not given):

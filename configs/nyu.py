@@ -121,6 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.create.use_captions = True  # caption-conditioned creation (public code, paper); False: the empty prompt, the
     # paper's "no caption" ablation (Table A)
     c.create.eta = 0.0
+    c.create.label_pass = "denoise"  # theta_W labels each image from the last denoising step's UNet features
+    # (Diff-2-in-1); "perception": the generated RGB through the perception path (a feature path whose latents,
+    # context or attention maps differ from the denoising pass's, e.g. VPD's)
     c.create.num_images = -1  # public code: one per training image (795); paper: 500 on NYUv2 normals
     c.create.batch_size = 8
     c.create.seed = 0
@@ -160,6 +163,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.generate.T = 600  # for the partial-noise samples
     c.generate.guidance_scale = 7.5
     c.generate.eta = 0.0
+    c.generate.label_pass = "denoise"  # as create.label_pass
     c.generate.source = "noise"
     c.generate.seed = 0
 

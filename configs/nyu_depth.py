@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.head.num_groups = 16  # model.py GroupNorm(16, ...)
     c.task.head.param_init = "pytorch"  # deviation: VPD's trunc-normal(0.02) / N(0, 0.001) inits are not offered
 
+    c.create.label_pass = "perception"  # theta_W labels each generated image through VPD's feature pass (unscaled
+    # latent, clean t = 1), not the denoising pass
+    c.generate.label_pass = "perception"
+
     c.data.name = "nyud_mt"
     c.data.root = ""  # required: the NYUD-MT folder (images/, depth/, gt_sets/)
     c.data.train_split = "train"  # 795 images (VPD: 24,231 BTS sync frames, see the module docstring)

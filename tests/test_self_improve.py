@@ -31,7 +31,8 @@ class RecordingGenerator:
     def __init__(self):
         self.contexts = []
 
-    def __call__(self, frozen, params, batch_stats, context, uncond, rngs, images, latent_shape):
+    def __call__(self, frozen, params, batch_stats, context, uncond, rngs, images, latent_shape,
+                 perception_context=None):
         jax.debug.callback(lambda c: self.contexts.append(np.asarray(c)), context)
         label = jnp.broadcast_to(jnp.append(jnp.asarray(UP), 1.0), (*images.shape[:3], 4))
         return images, label

@@ -249,16 +249,18 @@ def test_class_embedding_files(tmp_path):
 
 
 def test_run_trains_and_evaluates_the_vpd_segmentation_path(tmp_path):
-    """configs/demo_seg.py on VPD's path (two-level random SD, four 48x64 rooms): one warm-up step, evaluation."""
+    """configs/demo_seg.py on VPD's path (two-level random SD, four 48x64 rooms) with its cross-attention maps: one
+    warm-up step, data creation labelled through the perception pass, evaluation."""
     text = {**TINY_TEXT_ENCODER, "hidden_size": 16, "intermediate_size": 32}
     sd_path = write_random_sd(tmp_path / "sd", unet=MICRO_UNET, vae=tiny_pipeline.VAE, text_encoder=text)
     c = demo_seg.get_config()
-    c.sd_path, c.stages = str(sd_path), ("warmup", "evaluate")
+    c.sd_path, c.stages = str(sd_path), ("warmup", "create", "evaluate")
     c.data.image_size = SIZE
     c.data.scenes.num_train, c.data.scenes.num_test, c.data.scenes.size = 4, 2, (48, 64)
     c.model.features, c.model.context = "vpd", "class_embeddings"
     c.model.t_feat, c.model.sample_posterior, c.model.scale_latents, c.model.noise_features = 1, False, False, False
-    c.model.cache_latents = False
+    c.model.cache_latents, c.model.attention_maps = False, True
+    c.create.label_pass, c.create.num_steps, c.create.batch_size = "perception", 1, 4
     c.task.head = ml_collections.ConfigDict({**FPN_HEAD, "feature_strides": (4, 8)})
     c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 4, 1, 0
     c.train.optimizer, c.train.schedule, c.train.weight_decay = "adamw", "poly", 1e-3
@@ -273,4 +275,5 @@ def test_run_trains_and_evaluates_the_vpd_segmentation_path(tmp_path):
     assert step["step"] == 1 and np.isfinite(step["loss"]) and step["grad_norm"] > 0 and not step["skipped"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics) == {"untrained", "theta_W"}
+    assert len(list((tmp_path / "run" / "create" / "label").glob("*.png"))) == 4
     assert all(np.isfinite(m["miou"]) for m in metrics.values())

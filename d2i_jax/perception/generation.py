@@ -47,8 +47,8 @@ class PairGenerator:
                               steps_offset=schedule.steps_offset)
 
     def __call__(self, frozen: Any, head_params: Any, head_stats: Any, context: jax.Array, uncond: jax.Array,
-                 rngs: jax.Array, images: jax.Array | None = None, latent_shape: tuple[int, ...] | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+                 rngs: jax.Array, images: jax.Array | None = None, latent_shape: tuple[int, ...] | None = None,
+                 perception_context: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """One batch of pairs.
 
         Args:
@@ -58,15 +58,20 @@ class PairGenerator:
           rngs: `[B]` PRNG keys, one per example, so each pair is reproducible on its own.
           images: partial noise only: `[B, H, W, 3]` real images in [-1, 1].
           latent_shape: pure noise only: `(h, w, c)` of the latent.
+          perception_context: None: the label comes from the UNet block outputs of the last denoising step
+            (Diff-2-in-1); else the generated RGB is labelled through the perception path with this context (the
+            feature path's own: needed when it differs from the denoising pass, e.g. VPD's unscaled latents, class
+            embeddings and cross-attention maps; `create.label_pass = "perception"`).
 
         Returns:
           `rgb [B, H, W, 3]` (clipped to [-1, 1]) and the task prediction at that size.
         """
         bb = self.perceiver.backbone
-        if bb.attention_maps:
-            raise NotImplementedError(
-                "generation labels from the caption-conditioned denoising pass, whose cross-attention maps have one "
-                "channel per caption token, not per class: model.attention_maps needs a separate labelling pass")
+        relabel = perception_context is not None
+        if bb.attention_maps and not relabel:
+            raise ValueError(
+                "the denoising pass's cross-attention maps have one channel per caption token, not per class: with "
+                "model.attention_maps set create.label_pass (and generate.label_pass) to 'perception'")
         unet_params = head_params["unet"] if self.perceiver.train_unet else frozen["unet"]
         keys = jax.vmap(lambda k: jax.random.split(k, 3))(rngs)
         if self.start_t is not None:
@@ -80,6 +85,8 @@ class PairGenerator:
             x_t = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys[:, 1])
 
         def denoise(x: jax.Array, t: jax.Array, ctx: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+            if relabel:  # the features come from the perception pass below
+                return bb.unet.apply({"params": unet_params}, x, t, ctx), []
             out, feats = bb.unet_pass(unet_params, x, t, ctx)
             return out, feats.block_outputs()
 
@@ -88,6 +95,9 @@ class PairGenerator:
             guidance_scale=self.guidance_scale, eta=self.eta, rng=keys[:, 2], has_aux=True,
         )
         rgb = bb.vae.apply({"params": frozen["vae"]}, z / bb.vae.scaling_factor, method="decode")
-        size = rgb.shape[1:3]
-        out, _ = self.perceiver.head(head_params, head_stats, block_outputs, size, train=False)
-        return jnp.clip(rgb.astype(jnp.float32), -1.0, 1.0), self.task.prediction(out)
+        rgb = jnp.clip(rgb.astype(jnp.float32), -1.0, 1.0)
+        if relabel:
+            block_outputs = self.perceiver.block_outputs(head_params, frozen, rgb, perception_context,
+                                                         jax.random.fold_in(rngs[0], 1))
+        out, _ = self.perceiver.head(head_params, head_stats, block_outputs, rgb.shape[1:3], train=False)
+        return rgb, self.task.prediction(out)

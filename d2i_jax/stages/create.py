@@ -42,6 +42,19 @@ def generator(r: Run, cfg) -> PairGenerator:
                          eta=cfg.eta)
 
 
+LABEL_PASSES = ("denoise", "perception")
+
+
+def label_inputs(r: Run, cfg, captions: list[str]) -> dict[str, np.ndarray]:
+    """The generator's extra batch inputs by `cfg.label_pass` (`cfg`: the `create` or `generate` section):
+    "denoise" (Diff-2-in-1: the label from the last denoising step's UNet features) needs none; "perception" (the
+    generated RGB through the perception path, e.g. VPD's, whose latents, context and attention maps differ from
+    the denoising pass's) needs the perception context of each image."""
+    if cfg.label_pass not in LABEL_PASSES:
+        raise ValueError(f"label_pass must be one of {LABEL_PASSES}, got {cfg.label_pass!r}")
+    return {"perception_context": r.contexts(captions)} if cfg.label_pass == "perception" else {}
+
+
 def contexts(r: Run, captions: list[str]) -> np.ndarray:
     """`[len(captions), 77, width]` text contexts of the generator: the captions' embeddings (public code and
     paper), or with `create.use_captions = False` the empty prompt's for every image."""
@@ -74,7 +87,8 @@ def run(r: Run) -> None:
     @jax.jit
     def synthesize(frozen, params, batch_stats, batch):
         rngs = jax.vmap(lambda i: jax.random.fold_in(base, i))(batch[keys.ID])  # per image: reproducible on its own
-        return gen(frozen, params, batch_stats, batch["context"], uncond, rngs, batch[keys.IMAGE], latent_shape)
+        return gen(frozen, params, batch_stats, batch["context"], uncond, rngs, batch[keys.IMAGE], latent_shape,
+                   perception_context=batch.get("perception_context"))
 
     task = r.task
     grid = []
@@ -85,7 +99,7 @@ def run(r: Run) -> None:
         examples = [source[i] for i in ids]  # every process reads the whole batch and feeds its own rows
         captions = [e[keys.CAPTION] for e in examples]
         batch = {keys.IMAGE: np.stack([e[keys.IMAGE] for e in examples]), keys.ID: np.asarray(ids, np.int32),
-                 "context": contexts(r, captions)}
+                 "context": contexts(r, captions), **label_inputs(r, cfg, captions)}
         rgb, pred = sharded_call(synthesize, (r.frozen, params, batch_stats), batch, r.mesh, rows=cfg.batch_size)
         if not writer:
             continue

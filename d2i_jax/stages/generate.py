@@ -14,7 +14,7 @@ import numpy as np
 
 from d2i_jax import viz
 from d2i_jax.data import keys
-from d2i_jax.stages.create import generator
+from d2i_jax.stages.create import generator, label_inputs
 from d2i_jax.training.inference import sharded_call
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def run(r: Run) -> None:
     latent_shape = (*(s // 8 for s in r.config.data.image_size), r.sd.vae.latent_channels)
     base = jax.random.key(cfg.seed)
     batch = {keys.IMAGE: np.stack([e[keys.IMAGE] for e in examples]), keys.ID: np.arange(n, dtype=np.int32),
-             "context": np.asarray(r.embed(prompts))}
+             "context": np.asarray(r.embed(prompts)), **label_inputs(r, cfg, prompts)}
     out = r.stage_dir("generate")
     for source_kind, name in (("noise", "from_noise"), ("partial", "from_partial_noise")):
         gen = generator(r, _with_source(cfg, source_kind))
@@ -42,7 +42,8 @@ def run(r: Run) -> None:
         @jax.jit
         def sample(frozen, params, batch_stats, batch, gen=gen):
             rngs = jax.vmap(lambda index: jax.random.fold_in(base, index))(batch[keys.ID])
-            return gen(frozen, params, batch_stats, batch["context"], uncond, rngs, batch[keys.IMAGE], latent_shape)
+            return gen(frozen, params, batch_stats, batch["context"], uncond, rngs, batch[keys.IMAGE], latent_shape,
+                       perception_context=batch.get("perception_context"))
 
         rgb, pred = sharded_call(sample, (r.frozen, params, batch_stats), batch, r.mesh)
         rows = [[viz.image_to_uint8(rgb[i]), *r.task.pictures(pred[i]).values()] for i in range(n)]
