@@ -248,6 +248,7 @@ def test_class_embedding_files(tmp_path):
         load_class_embeddings(tmp_path / "bad.npy")
 
 
+@pytest.mark.slow  # minutes on 2 cores (three stages compiled): run with `pytest -m slow`
 def test_run_trains_and_evaluates_the_vpd_segmentation_path(tmp_path):
     """configs/demo_seg.py on VPD's path (two-level random SD, four 48x64 rooms) with its cross-attention maps: one
     warm-up step, data creation labelled through the perception pass, evaluation."""
