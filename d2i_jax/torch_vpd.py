@@ -1,8 +1,9 @@
-"""VPD's segmentation parts in PyTorch, with the public module names: for the benchmark's peer and the reference of the
-parity tests (`tests/public_vpd.py`).
+"""VPD's segmentation parts in PyTorch, with the public module names: the benchmark's peer (`d2i_jax.bench` row f)
+and the reference of the parity tests (`tests/public_vpd.py`).
 
 `VPDSegHead` holds VPD's `text_adapter`, `gamma` and mmseg 0.x `neck` FPN + `decode_head` FPNHead, so its state dict
-carries the public checkpoints' keys. Features are NCHW, finest first. Importing this module needs torch.
+carries the public checkpoints' keys; `record_up_path` reads VPD's four features from a diffusers UNet. Features are
+NCHW, finest first. Importing this module needs torch.
 """
 
 from __future__ import annotations
@@ -90,3 +91,22 @@ class VPDSegHead(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.decode_head(self.neck(feats))
+
+
+def record_up_path(unet: nn.Module) -> list[torch.Tensor | None]:
+    """Hooks VPD's four features (LDM output blocks 11, 7, 4, 1, as `d2i_jax.perception.feature_paths.vpd`) into a
+    diffusers `UNet2DConditionModel`: every forward of `unet` then leaves them, fine to coarse, in the returned list.
+
+    They are the outputs of the last up block and of layer `layers_per_block - 1` (its attention where the block has
+    one, else its resnet) of every other up block, before that block's upsampler.
+    """
+    layer = unet.config.layers_per_block - 1
+    middles = [(getattr(block, "attentions", None) or block.resnets)[layer] for block in unet.up_blocks[:-1]]
+    feats: list[torch.Tensor | None] = [None] * len(unet.up_blocks)
+
+    def keep(k: int, output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        feats[k] = output[0] if isinstance(output, tuple) else output
+
+    for k, module in enumerate([unet.up_blocks[-1], *reversed(middles)]):
+        module.register_forward_hook(lambda _m, _in, out, k=k: keep(k, out))
+    return feats
