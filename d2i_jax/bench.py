@@ -2,7 +2,7 @@
 
     python -m d2i_jax.bench                                  # every row, full size (an H100 / H200)
     python -m d2i_jax.bench --rows a,e --json /tmp/bench.json
-    python -m d2i_jax.bench --tiny --repeats 1 --warmup 1    # CPU smoke mode (CI): same code, tiny models
+    python -m d2i_jax.bench --tiny --repeats 1 --warmup 0    # CPU smoke mode (CI): same code, tiny models
 
 Rows: (a) UNet forward, (b) full fine-tune step, (c) Diff-2-in-1 frozen-backbone train step, (d) data creation,
 (e) GenPercept-style one-step perception latency, (f) VPD segmentation fine-tune step (configs/ade20k.py). Each
@@ -126,7 +126,7 @@ class Suite:
 
 FULL = Suite("full", SD15_UNET, SD21_UNET, SD_VAE, 77, 64, (8, 32), 16, 8, 8, 512, (512, 768), 50, 600,
              reference=True)
-TINY = Suite("tiny", BENCH_TINY_UNET, BENCH_TINY_SD21_UNET, TINY_VAE, 77, 8, (2, 4), 2, 2, 2, 64, (64, 128), 4, 600,
+TINY = Suite("tiny", BENCH_TINY_UNET, BENCH_TINY_SD21_UNET, TINY_VAE, 77, 8, (2, 4), 2, 2, 2, 64, (64,), 4, 600,
              head={"decoder_channels": (64, 32, 32, 16), "mlp_hidden": 32},
              fusion={"reduce_channels": (128, 64, 32, 32), "deconv_channels": (16, 8)},
              seg_head={"out_channels": 32, "channels": 32})

@@ -54,7 +54,7 @@ def _positive(cell: str) -> float:
 
 def test_tiny_all_rows_with_peer(capsys, tmp_path):
     out = tmp_path / "bench.json"
-    rows = bench.main(["--tiny", "--repeats", "1", "--warmup", "1", "--json", str(out)])
+    rows = bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--json", str(out)])
     table = _table(capsys.readouterr().out)
 
     assert list(table) == _expected_labels(bench.TINY)
