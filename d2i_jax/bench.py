@@ -126,7 +126,7 @@ class Suite:
 
 FULL = Suite("full", SD15_UNET, SD21_UNET, SD_VAE, 77, 64, (8, 32), 16, 8, 8, 512, (512, 768), 50, 600,
              reference=True)
-TINY = Suite("tiny", BENCH_TINY_UNET, BENCH_TINY_SD21_UNET, TINY_VAE, 77, 8, (2, 4), 2, 2, 2, 64, (64,), 4, 600,
+TINY = Suite("tiny", BENCH_TINY_UNET, BENCH_TINY_SD21_UNET, TINY_VAE, 77, 8, (2,), 2, 2, 2, 64, (64,), 4, 600,
              head={"decoder_channels": (64, 32, 32, 16), "mlp_hidden": 32},
              fusion={"reduce_channels": (128, 64, 32, 32), "deconv_channels": (16, 8)},
              seg_head={"out_channels": 32, "channels": 32})
