@@ -2,14 +2,15 @@
 
     python -m d2i_jax.bench                                  # every row, full size (an H100 / H200)
     python -m d2i_jax.bench --rows a,e --json /tmp/bench.json
-    python -m d2i_jax.bench --tiny --repeats 1 --warmup 1    # CPU smoke mode (CI): same code, tiny models
+    python -m d2i_jax.bench --tiny --repeats 1 --warmup 0    # CPU smoke mode (CI): same code, tiny models
 
 Rows: (a) UNet forward, (b) full fine-tune step, (c) Diff-2-in-1 frozen-backbone train step, (d) data creation,
-(e) GenPercept-style one-step perception latency. Each figure is the median of `--repeats` timed calls after
-`--warmup` calls, each call synchronised with the device (`block_until_ready` / `torch.cuda.synchronize`).
-FLOPs are counted by XLA's cost analysis of the lowered HLO with reference (einsum) attention, because fused
-kernels such as cuDNN flash attention are opaque custom calls to the counter; the peer doing the same work is
-credited the same FLOPs. MFU = FLOPs / time / `--peak-tflops`; n/a on CPU. All weights are random.
+(e) GenPercept-style one-step perception latency, (f) VPD segmentation fine-tune step (configs/ade20k.py). Each
+figure is the median of `--repeats` timed calls after `--warmup` calls, each call synchronised with the device
+(`block_until_ready` / `torch.cuda.synchronize`). FLOPs are counted by XLA's cost analysis of the lowered HLO with
+reference (einsum) attention, because fused kernels such as cuDNN flash attention are opaque custom calls to the
+counter; the peer doing the same work is credited the same FLOPs. MFU = FLOPs / time / `--peak-tflops`; n/a on CPU.
+All weights are random.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from configs import ade20k
 from d2i_jax.data import keys
 from d2i_jax.diffusion.schedule import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from d2i_jax.models.loading import build_module, param_shapes
@@ -42,6 +44,9 @@ from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.fusion import FeatureFusion
 from d2i_jax.perception.generation import PairGenerator
 from d2i_jax.perception.model import DensePredictor, Perceiver
+from d2i_jax.runner import make_backbone, make_perceiver
+from d2i_jax.stages.warmup import optimizer
+from d2i_jax.tasks import get_task
 from d2i_jax.tasks.normals import NormalsTask
 from d2i_jax.training.state import TrainState
 from d2i_jax.training.steps import Steps, make_optimizer
@@ -78,6 +83,7 @@ TINY_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disa
 REFERENCE_TFLOP = {"unet": 0.803, "vae_encoder": 1.117, "vae_decoder": 2.515}
 DEFAULT_PEAK_TFLOPS = 790.0  # dense bf16 measured on the H100 of REFERENCE §5
 PEER_VARIANTS = ("eager", "channels_last", "compile", "compile+channels_last")
+ADE20K_TRAIN_IMAGES = 20_210  # with configs/ade20k.py's epochs and batch: the length of row (f)'s poly schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +100,7 @@ class Suite:
       one_step_sides: image sides of row (e) (batch 1).
       ddim_steps / start_t: row (d)'s DDIM steps and partial-noise level.
       head / fusion: `NormalHead` and `FeatureFusion` fields (empty: the public-code sizes, their defaults).
+      seg_head: row (f)'s `SemanticFPN` fields over configs/ade20k.py's (empty: VPD's).
       reference: REFERENCE §5's per-image FLOPs apply (fallback counts).
     """
 
@@ -113,14 +120,16 @@ class Suite:
     start_t: int
     head: dict[str, Any] = dataclasses.field(default_factory=dict)
     fusion: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seg_head: dict[str, Any] = dataclasses.field(default_factory=dict)
     reference: bool = False
 
 
 FULL = Suite("full", SD15_UNET, SD21_UNET, SD_VAE, 77, 64, (8, 32), 16, 8, 8, 512, (512, 768), 50, 600,
              reference=True)
-TINY = Suite("tiny", BENCH_TINY_UNET, BENCH_TINY_SD21_UNET, TINY_VAE, 77, 8, (2, 4), 2, 2, 2, 64, (64, 128), 4, 600,
+TINY = Suite("tiny", BENCH_TINY_UNET, BENCH_TINY_SD21_UNET, TINY_VAE, 77, 8, (2,), 2, 2, 2, 64, (64,), 4, 600,
              head={"decoder_channels": (64, 32, 32, 16), "mlp_hidden": 32},
-             fusion={"reduce_channels": (128, 64, 32, 32), "deconv_channels": (16, 8)})
+             fusion={"reduce_channels": (128, 64, 32, 32), "deconv_channels": (16, 8)},
+             seg_head={"out_channels": 32, "channels": 32})
 
 # ----------------------------------------------------------------------------------------------- results
 
@@ -373,6 +382,10 @@ class Bench:
                 self.compiler_options = None
         return lowered.compile()
 
+    def run_once(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` compiled with this run's compiler options: untimed set-up (train states, cached latents)."""
+        return self.compile(jax.jit(fn).lower(*args))(*args)
+
     def flops(self, make: Callable[[str], Callable[..., Any]], args: Sequence[Any]) -> float | None:
         """Counted FLOPs of `make("xla")(*args)` (lowering only, nothing compiled or run)."""
         return count_flops(jax.jit(make("xla")).lower(*args))
@@ -528,7 +541,7 @@ def row_b(b: Bench) -> list[Row]:
     tx = make_optimizer("adamw", 1e-5, weight_decay=1e-2)
     base = device_bytes_in_use()
     params = b.params("unet", "unet", s.unet, fresh=True)  # donated to the step: not shared with other rows
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params)}  # one compile, not one per leaf shape
+    state = {"params": params, "opt_state": b.run_once(tx.init, params)}  # one compile, not one per leaf shape
     x, noise = host_random(3, batch, side, side, 4), host_random(4, batch, side, side, 4)
     t, ctx = host_random(5, batch, kind="timestep"), b.context(batch, width)
 
@@ -584,7 +597,7 @@ def row_c(b: Bench) -> list[Row]:
     ctx = b.context(1, width)
     params, stats = b.head_variables((side, side))
     tx = make_optimizer("adam", 3.57e-4)  # the public code's optimiser
-    new_state = lambda: jax.jit(TrainState.create, static_argnums=2)(params, stats, tx, jax.random.key(4))
+    new_state = lambda: b.run_once(lambda p, st, k: TrainState.create(p, st, tx, k), params, stats, jax.random.key(4))
     batch_dict = {keys.IMAGE: host_random(6, batch, side, side, 3, kind="image"),
                   keys.NORMAL: host_random(7, batch, side, side, 3, kind="unit"),
                   keys.MASK: jnp.asarray(np.ones((batch, side, side), bool))}
@@ -592,8 +605,8 @@ def row_c(b: Bench) -> list[Row]:
     jm = b.time_jax(make, (new_state(), b.frozen(), batch_dict, ctx), stateful=True)
     # model.cache_latents: the same step reading each image's VAE posterior, encoded once before training
     bb = b.perceiver("xla").backbone
-    cached = {**batch_dict, keys.MOMENTS: jax.jit(lambda p, x: bb.posterior(p, x).moments)(
-        b.frozen()["vae"], batch_dict[keys.IMAGE])}
+    cached = {**batch_dict, keys.MOMENTS: b.run_once(lambda p, x: bb.posterior(p, x).moments, b.frozen()["vae"],
+                                                     batch_dict[keys.IMAGE])}
     jm_cached = b.time_jax(make, (new_state(), b.frozen(), cached, ctx), stateful=True)
     parts = b.component_flops(batch, side)
     peer_flops = _sum(parts, {"encode": 1, "unet": 1})
@@ -733,14 +746,94 @@ def row_e(b: Bench) -> list[Row]:
     return rows
 
 
-ROWS: dict[str, Callable[[Bench], list[Row]]] = {"a": row_a, "b": row_b, "c": row_c, "d": row_d, "e": row_e}
+def row_f(b: Bench) -> list[Row]:
+    """VPD segmentation fine-tune step (configs/ade20k.py), batch of row (b): `Steps.train_step` of the model the
+    runner builds (VAE posterior mode unscaled, UNet at t = 1 without noise and trained at `unet_lr_mult`,
+    `TextAdapter` on the class-embedding context, `SemanticFPN`, mmseg cross-entropy, AdamW with the poly schedule)."""
+    s, batch, side = b.suite, b.suite.batch_b, b.suite.image_side
+    config = ade20k.get_config()
+    config.model.attention_maps = False  # the peer reads VPD's four features only (no attention store)
+    config.task.head.update(s.seg_head)
+    task, tx = get_task(config.task), optimizer(config, ADE20K_TRAIN_IMAGES, config.warmup.epochs)
+    width, classes = s.unet["cross_attention_dim"], task.num_classes
+    # the runner's context: the [classes, width] class-embedding table for every example
+    ctx = jnp.broadcast_to(host_random(11, classes, width), (batch, classes, width))
+    rng = np.random.default_rng(12)
+    labels = rng.integers(0, classes + 1, (batch, side, side), dtype=np.int32)
+    labels[labels == classes] = task.ignore_index  # one value in 151 unlabelled
+    images = host_random(13, batch, side, side, 3, kind="image")
+
+    def perceiver(attn: str) -> Perceiver:
+        vae, unet = b.module("vae", s.vae, attn), b.module("unet", s.unet, attn)
+        return make_perceiver(config, make_backbone(config.model, vae, unet), task)
+
+    # fresh random head, adapter and UNet (donated with the state); shapes by `eval_shape`, nothing compiled
+    params, stats = random_fill(perceiver("xla").init_shapes(b.frozen(), (side, side), ctx[:1]), 200)
+    state = b.run_once(lambda p, st, k: TrainState.create(p, st, tx, k), params, stats, jax.random.key(14))
+    del params, stats
+    frozen = {"vae": b.frozen()["vae"]}  # the trained UNet is in the state
+    batch_dict = {keys.IMAGE: images, keys.SEMSEG: jnp.asarray(labels)}
+    make = lambda attn: Steps(perceiver(attn), task, tx).train_step
+    jm = b.time_jax(make, (state, frozen, batch_dict, ctx), stateful=True)
+    del state
+    jm.flops, source = _flops_or_fallback(jm.flops, b.reference_flops(batch, vae_encoder=1, unet=3))
+
+    def peer_make(variant: str) -> Callable[[], Any]:
+        from torch.nn import functional as F
+
+        from d2i_jax.torch_vpd import VPDSegHead, record_up_path
+
+        pr, torch, head_cfg = b.peer, b.peer.torch, task.head
+        vae = pr.formatted(pr.model("vae", "vae", s.vae), variant)
+        unet = pr.formatted(pr.build("unet", s.unet).train(), variant)  # fresh per variant, as row (b)
+        feats = record_up_path(unet)
+        with torch.device(pr.device):
+            head = VPDSegHead(tuple(s.unet["block_out_channels"]), width, head_cfg["out_channels"],
+                              head_cfg["channels"], classes, tuple(head_cfg["feature_strides"]),
+                              head_cfg["dropout_ratio"])
+        head = pr.formatted(head.train(), variant)
+        lr = config.train.lr
+        opt = torch.optim.AdamW([{"params": head.parameters()},
+                                 {"params": unet.parameters(), "lr": lr * config.model.unet_lr_mult}],
+                                lr=lr, weight_decay=config.train.weight_decay, fused=pr.cuda)
+        x, texts = pr.randn(batch, 3, side, side, variant=variant), pr.randn(batch, classes, width)
+        t = torch.ones(batch, dtype=torch.long, device=pr.device)
+        target = torch.as_tensor(labels, dtype=torch.long, device=pr.device)
+
+        def forward(x: Any, t: Any, texts: Any) -> Any:  # VPD's `VPDSeg.extract_feat` + decode head
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mode()
+            unet(z, t, head.text_adapter(texts, head.gamma))
+            logits = head(list(feats))
+            return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+        fwd = pr.compiled(forward, variant)
+
+        def call() -> Any:
+            with pr.autocast():
+                logits = fwd(x, t, texts)
+            # mmseg 0.x: mean over all pixels, the ignored ones counting 0
+            loss = F.cross_entropy(logits.float(), target, ignore_index=task.ignore_index, reduction="none").mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+        return call
+
+    pm = b.peer.best(peer_make, jm.flops) if b.peer else None
+    notes = (f"{classes} classes, UNet at {config.model.unet_lr_mult:g}x lr; peer: diffusers UNet + VPD's head in "
+             "torch, no lr schedule; JAX's head and adapter compute in fp32, the peer's under autocast")
+    return [Row("f", f"(f) VPD seg fine-tune step, batch {batch}, {side}px", "img/s", batch, jm, pm, notes, source)]
+
+
+ROWS: dict[str, Callable[[Bench], list[Row]]] = {"a": row_a, "b": row_b, "c": row_c, "d": row_d, "e": row_e,
+                                                 "f": row_f}
 
 # ----------------------------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m d2i_jax.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--tiny", action="store_true", help="tiny models and resolutions (CPU smoke mode, CI)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per figure (default 10; tiny 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2; tiny 1)")

@@ -33,6 +33,8 @@ from d2i_jax.models.class_embeddings import class_embeddings, load_class_embeddi
 from d2i_jax.models.clip import embed_prompts
 from d2i_jax.models.loading import StableDiffusion, load_stable_diffusion, restore_params, save_params
 from d2i_jax.models.random_sd import write_random_sd
+from d2i_jax.models.unet import UNet2DConditionModel
+from d2i_jax.models.vae import AutoencoderKL
 from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.feature_paths import make_predictor
 from d2i_jax.perception.model import Perceiver
@@ -55,6 +57,25 @@ def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
     if name not in DTYPES:
         raise ValueError(f"config.model.dtype must be one of {[*DTYPES, 'auto']}, got {name!r}")
     return DTYPES[name]
+
+
+def make_backbone(model: ml_collections.ConfigDict, vae: AutoencoderKL, unet: UNet2DConditionModel,
+                  scheduler_config: dict[str, Any] | None = None) -> Backbone:
+    """The feature pass `config.model` sets (`t_feat`, posterior sample or mean, scaling, noising, VPD's attention
+    maps) over these SD modules; `scheduler_config`: the checkpoint's diffusers scheduler config (None: SD1.5's)."""
+    if model.attention_maps and model.features != "vpd":
+        raise ValueError(f"config.model.attention_maps is VPD's: it needs model.features='vpd', not "
+                         f"{model.features!r}")
+    return Backbone(vae=vae, unet=unet, schedule=NoiseSchedule.from_config(scheduler_config), t_feat=model.t_feat,
+                    sample_posterior=model.sample_posterior, scale_latents=model.scale_latents,
+                    noise_features=model.noise_features, attention_maps=model.attention_maps)
+
+
+def make_perceiver(config: ml_collections.ConfigDict, backbone: Backbone, task: Task) -> Perceiver:
+    """`backbone` -> the feature path `config.model.features` -> `task`'s head; with `model.context_adapter`, VPD's
+    `TextAdapter` on the context; `model.train_unet` makes the UNet trainable."""
+    return Perceiver(backbone, make_predictor(config, task.make_head()), train_unet=config.model.train_unet,
+                     context_adapter=TextAdapter() if config.model.context_adapter else None)
 
 
 class Run:
@@ -88,15 +109,7 @@ class Run:
 
     @functools.cached_property
     def backbone(self) -> Backbone:
-        model = self.config.model
-        if model.attention_maps and model.features != "vpd":
-            raise ValueError(f"config.model.attention_maps is VPD's: it needs model.features='vpd', not "
-                             f"{model.features!r}")
-        return Backbone(
-            vae=self.sd.vae, unet=self.sd.unet, schedule=NoiseSchedule.from_config(self.sd.scheduler_config),
-            t_feat=model.t_feat, sample_posterior=model.sample_posterior, scale_latents=model.scale_latents,
-            noise_features=model.noise_features, attention_maps=model.attention_maps,
-        )
+        return make_backbone(self.config.model, self.sd.vae, self.sd.unet, self.sd.scheduler_config)
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one Run per process; prompts are few
     def prompt_embedding(self, prompt: str) -> jax.Array:
@@ -175,11 +188,8 @@ class Run:
 
     @functools.cached_property
     def perceiver(self) -> Perceiver:
-        """Backbone -> the feature path `config.model.features` -> the task's head; with `model.context_adapter`,
-        VPD's `TextAdapter` on the context."""
-        return Perceiver(self.backbone, make_predictor(self.config, self.task.make_head()),
-                         train_unet=self.config.model.train_unet,
-                         context_adapter=TextAdapter() if self.config.model.context_adapter else None)
+        """`make_perceiver` on this run's backbone and task."""
+        return make_perceiver(self.config, self.backbone, self.task)
 
     def save_model(self, stage: str, params: Any, batch_stats: Any) -> None:
         """Writes a stage's final model (params + norm state) to `workdir/<stage>/model`."""

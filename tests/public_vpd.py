@@ -1,93 +1,19 @@
 """A compact PyTorch re-statement of VPD's trainable heads (see VPD_FACTS / `d2i_jax.perception.vpd`), with the public
 module names, so their state dicts carry the public checkpoints' keys: `VPDSegHead` (`text_adapter`, `gamma`, mmseg
-0.x `neck` FPN + `decode_head` FPNHead) and `VPDDepthHead` (`encoder.{layer1,layer2,out_layer,text_adapter,gamma}`,
-`decoder`, `last_layer_depth`). Widths are arguments; features come in NCHW, finest first.
+0.x `neck` FPN + `decode_head` FPNHead; in the package, `d2i_jax.torch_vpd`, as the benchmark's peer uses it) and
+`VPDDepthHead` (`encoder.{layer1,layer2,out_layer,text_adapter,gamma}`, `decoder`, `last_layer_depth`). Widths are
+arguments; features come in NCHW, finest first.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2i_jax.torch_vpd import TextAdapter, VPDSegHead
 
-class TextAdapter(nn.Module):
-    def __init__(self, dim: int, hidden: int | None = None):
-        super().__init__()
-        self.fc = nn.Sequential(nn.Linear(dim, hidden or dim), nn.GELU(), nn.Linear(hidden or dim, dim))
-
-    def forward(self, texts: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        return texts + gamma * self.fc(texts)
-
-
-class ConvModule(nn.Module):
-    """mmcv ConvModule: conv (bias only without norm), optional BatchNorm named `bn`, optional ReLU."""
-
-    def __init__(self, c_in: int, c_out: int, k: int, norm: bool = False, act: bool = False):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=not norm)
-        if norm:
-            self.bn = nn.BatchNorm2d(c_out)
-        self.act = act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if hasattr(self, "bn"):
-            x = self.bn(x)
-        return F.relu(x) if self.act else x
-
-
-class FPN(nn.Module):
-    def __init__(self, in_channels: tuple[int, ...], out_channels: int):
-        super().__init__()
-        self.lateral_convs = nn.ModuleList(ConvModule(c, out_channels, 1) for c in in_channels)
-        self.fpn_convs = nn.ModuleList(ConvModule(out_channels, out_channels, 3) for _ in in_channels)
-
-    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs, strict=True)]
-        for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:],
-                                                              mode="nearest")
-        return [conv(x) for conv, x in zip(self.fpn_convs, laterals, strict=True)]
-
-
-class FPNHead(nn.Module):
-    def __init__(self, in_channels: int, channels: int, num_classes: int, strides: tuple[int, ...],
-                 dropout: float):
-        super().__init__()
-        self.scale_heads = nn.ModuleList()
-        for s in strides:
-            layers: list[nn.Module] = []
-            for k in range(max(1, int(math.log2(s) - math.log2(strides[0])))):
-                layers.append(ConvModule(in_channels if k == 0 else channels, channels, 3, norm=True, act=True))
-                if s != strides[0]:
-                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
-            self.scale_heads.append(nn.Sequential(*layers))
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-        self.dropout = nn.Dropout2d(dropout)
-
-    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        out = self.scale_heads[0](inputs[0])
-        for head, x in zip(self.scale_heads[1:], inputs[1:], strict=True):
-            out = out + F.interpolate(head(x), size=out.shape[2:], mode="bilinear", align_corners=False)
-        return self.conv_seg(self.dropout(out))
-
-
-class VPDSegHead(nn.Module):
-    """`VPDSeg` without the SD parts: the adapter (`text_adapter`, `gamma`) and the semantic FPN."""
-
-    def __init__(self, in_channels=(320, 790, 1430, 1280), text_dim=768, out_channels=256, channels=256,
-                 num_classes=150, strides=(4, 8, 16, 32), dropout=0.1):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(text_dim) * 1e-4)
-        self.text_adapter = TextAdapter(text_dim)
-        self.neck = FPN(in_channels, out_channels)
-        self.decode_head = FPNHead(out_channels, channels, num_classes, strides, dropout)
-
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        return self.decode_head(self.neck(feats))
+__all__ = ["Decoder", "DepthEncoder", "VPDDepthHead", "VPDSegHead", "silog"]
 
 
 class DepthEncoder(nn.Module):

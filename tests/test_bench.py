@@ -1,4 +1,5 @@
-"""The benchmark's CPU smoke mode: every row runs (JAX and the PyTorch peer) and the table is complete.
+"""The benchmark's CPU smoke mode: every row runs (JAX and the PyTorch peer) and the table is complete; row (f)'s
+peer reads the features the JAX VPD path reads.
 
 Timings are not asserted: this checks the code paths CI can reach, not speed (see BENCHMARKS.md).
 """
@@ -9,9 +10,17 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
 
 from d2i_jax import bench
+from d2i_jax.models.loading import build_module, param_shapes
+from d2i_jax.perception.feature_paths import vpd
+from d2i_jax.torch_vpd import record_up_path
+from weights_conversion.torch_to_flax import convert_state_dict
 
 
 def _expected_labels(suite: bench.Suite) -> list[str]:
@@ -24,6 +33,7 @@ def _expected_labels(suite: bench.Suite) -> list[str]:
         f"(c) D2I train step, cached latents, batch {suite.batch_c}, {side}px [img/s]",
         f"(d) data creation, batch {suite.batch_d}, {side}px [pairs/s]",
         *(f"(e) one-step latency, batch 1, {s}px [ms]" for s in suite.one_step_sides),
+        f"(f) VPD seg fine-tune step, batch {suite.batch_b}, {side}px [img/s]",
     ]
 
 
@@ -44,7 +54,7 @@ def _positive(cell: str) -> float:
 
 def test_tiny_all_rows_with_peer(capsys, tmp_path):
     out = tmp_path / "bench.json"
-    rows = bench.main(["--tiny", "--repeats", "1", "--warmup", "1", "--json", str(out)])
+    rows = bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--json", str(out)])
     table = _table(capsys.readouterr().out)
 
     assert list(table) == _expected_labels(bench.TINY)
@@ -55,12 +65,33 @@ def test_tiny_all_rows_with_peer(capsys, tmp_path):
         if on_cpu:
             assert (jax_mfu, peer_mfu) == ("n/a", "n/a"), label
         assert "peer best:" in notes, label
-    assert "peak mem JAX" in table[_expected_labels(bench.TINY)[2]][-1]
+    assert "peak mem JAX" in table[f"(b) fine-tune step, batch {bench.TINY.batch_b} [img/s]"][-1]
 
     assert all(r.jax.flops and r.peer.flops for r in rows), "every row's FLOPs are counted"
     payload = json.loads(out.read_text())
     assert [r["label"] for r in payload["rows"]] == [r.label for r in rows]
     assert all(r["value_jax"] > 0 and r["value_peer"] > 0 for r in payload["rows"])
+
+
+def test_peer_reads_vpds_features():
+    """Row (f)'s peer hooks the diffusers UNet where the JAX VPD path picks its features (same weights, fp32)."""
+    torch.manual_seed(0)
+    config = {k: v for k, v in bench.BENCH_TINY_UNET.items() if not k.startswith("_")}
+    peer = UNet2DConditionModel(**config).eval()
+    feats = record_up_path(peer)
+    unet = build_module("unet", bench.BENCH_TINY_UNET)
+    params = convert_state_dict({k: v.numpy() for k, v in peer.state_dict().items()}, param_shapes("unet", unet))
+    rng = np.random.default_rng(0)
+    x, ctx = rng.standard_normal((2, 8, 8, 4), np.float32), rng.standard_normal((2, 5, 64), np.float32)
+    with torch.no_grad():
+        peer(torch.from_numpy(x).permute(0, 3, 1, 2), torch.ones(2, dtype=torch.long), torch.from_numpy(ctx))
+    features = lambda p, x, c: unet.apply({"params": p}, x, jnp.ones(2, jnp.int32), c, return_features=True)[1]
+    outputs = jax.jit(lambda *a: features(*a).block_outputs(),
+                      compiler_options=bench.TINY_CPU_COMPILER_OPTIONS)(params, x, ctx)
+    ours = vpd.select(outputs, (64, 64))
+    assert [f.shape[1:3] for f in ours] == [(8, 8), (4, 4), (2, 2), (1, 1)]
+    for level, (a, b) in enumerate(zip(ours, feats, strict=True)):
+        np.testing.assert_allclose(np.asarray(a), b.permute(0, 2, 3, 1).numpy(), atol=1e-4, err_msg=f"level {level}")
 
 
 def test_rows_are_validated():

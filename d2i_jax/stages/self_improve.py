@@ -65,7 +65,7 @@ def run(r: Run) -> None:
         shuffle, epochs = False, 1  # the mix spans all epochs
     else:
         raise ValueError(f"self_improve.mix must be 'pool' or 'fixed', got {cfg.mix!r}")
-    tx = optimizer(r, len(source), epochs)
+    tx = optimizer(r.config, len(source), epochs)
     steps = steps_for(r, tx)
     params, batch_stats = r.load_model("warmup")
     state = r.train_state(params, batch_stats, tx, seed_offset=2)

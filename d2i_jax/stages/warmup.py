@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+import ml_collections
+import optax
+
 from d2i_jax.data.latent_cache import WithMoments, cache_file, encode_moments
 from d2i_jax.training.steps import LRSchedule, Steps, make_optimizer
 
@@ -12,14 +15,14 @@ if TYPE_CHECKING:
     from d2i_jax.runner import Run
 
 
-def optimizer(r: Run, num_examples: int, epochs: int):
+def optimizer(config: ml_collections.ConfigDict, num_examples: int, epochs: int) -> optax.GradientTransformation:
     """`config.train`'s optimiser for a stage of `epochs` passes over `num_examples` examples, which set the
-    schedule's length unless `train.total_steps` does."""
-    cfg = r.config.train
+    schedule's length unless `train.total_steps` does; the UNet at `model.unet_lr_mult` when it is trained."""
+    cfg = config.train
     schedule = LRSchedule(cfg.schedule, cfg.total_steps or epochs * (num_examples // cfg.batch_size),
                           cfg.warmup_steps, cfg.warmup_ratio, cfg.poly_power, cfg.min_lr)
     return make_optimizer(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                          unet_lr_mult=r.config.model.unet_lr_mult if r.config.model.train_unet else None,
+                          unet_lr_mult=config.model.unet_lr_mult if config.model.train_unet else None,
                           schedule=schedule)
 
 
@@ -46,7 +49,7 @@ def run(r: Run) -> None:
         print(f"[warmup] config.init_from is set: theta_W is {r.model_dir('warmup')}, nothing to train")
         return
     source = with_cached_latents(r, "warmup", {"train": r.source(r.config.data.train_split, training=True)})["train"]
-    tx = optimizer(r, len(source), r.config.warmup.epochs)
+    tx = optimizer(r.config, len(source), r.config.warmup.epochs)
     params, batch_stats = r.init_model()
     state = r.train_state(params, batch_stats, tx, seed_offset=1)
     print(f"[warmup] {len(source)} training images, {r.config.warmup.epochs} epochs")
