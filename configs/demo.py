@@ -14,12 +14,13 @@ from configs import nyu
 
 def get_config() -> ml_collections.ConfigDict:
     c = nyu.get_config()
-    c.sd_path = ""  # tiny random SD written into the workdir
+    c.sd_path = ""  # the prior stage's SD (trained here first)
+    c.stages = ("prior", "warmup", "create", "self_improve", "evaluate", "generate")
     c.data.name = "scenes"  # procedural rooms rendered into the workdir in the NYUv2 layout
-    c.data.image_size = (128, 128)
+    c.data.image_size = (64, 64)
     c.data.scenes.num_train = 48
     c.data.scenes.num_test = 16
-    c.data.scenes.size = (96, 128)
+    c.data.scenes.size = (64, 64)
     c.task.head.decoder_channels = (64, 32, 32, 16)
     c.task.head.mlp_hidden = 32
     c.fusion.reduce_channels = (128, 64, 32, 32)
@@ -33,5 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.self_improve.ema_every_samples = 16
     c.generate.guidance_scale = 1.0
     c.generate.num_samples = 2
-    c.features.image_size = (128, 128)
+    c.features.image_size = (64, 64)
+    c.prior.pool_size = 2000
+    c.prior.vae.epochs = 3  # 375 steps
+    c.prior.unet.epochs = 3  # 249 steps
+    c.prior.unet.batch_size = 24
     return c

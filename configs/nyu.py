@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.scenes.num_train = 795
     c.data.scenes.num_test = 654
     c.data.scenes.size = (480, 640)
+    c.data.scenes.seed = 0  # draws the scenes: the same dataset for every training seed
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8  # global
@@ -166,6 +167,32 @@ def get_config() -> ml_collections.ConfigDict:
     c.generate.label_pass = "denoise"  # as create.label_pass
     c.generate.source = "noise"
     c.generate.seed = 0
+
+    c.prior = ml_collections.ConfigDict()  # the `prior` stage (`d2i_jax.stages.prior`), when it is in `stages` and
+    # `sd_path` is empty: an SD-shaped model trained from scratch on unlabelled images (the embedded demo's prior)
+    c.prior.pool_root = ""  # a folder of img/*.png (+ caption/*.txt) to train on; empty: `pool_size` procedural
+    # scenes (data.name = "scenes"), drawn apart from the labelled ones
+    c.prior.pool_size = 4000
+    c.prior.vae = ml_collections.ConfigDict()
+    c.prior.vae.epochs = 2
+    c.prior.vae.batch_size = 16
+    c.prior.vae.lr = 1e-3  # Adam
+    c.prior.vae.grad_clip = 1.0
+    c.prior.vae.kl_weight = 1e-6  # LDM's kl-f8 autoencoder
+    c.prior.vae.crop = 32  # train on random crops of this side (0: whole images); LDM trains on 256 crops
+    c.prior.unet = ml_collections.ConfigDict()
+    c.prior.unet.epochs = 4
+    c.prior.unet.batch_size = 32
+    c.prior.unet.lr = 1e-3  # Adam
+    c.prior.unet.grad_clip = 1.0
+    c.prior.unet.caption_dropout = 0.1  # the empty prompt instead of the caption (classifier-free guidance)
+    c.prior.unet.ema_decay = 0.99  # the UNet kept is this EMA of the trained one, updated every step
+    c.prior.checkpoint_every = 200  # steps, in both phases
+    c.prior.batch_size = 8  # quality figures and pictures: held-out images per call
+    c.prior.num_pictures = 8
+    c.prior.T = 600  # partial-noise creations in the quality figures
+    c.prior.num_steps = 25  # DDIM steps of the pictures
+    c.prior.seed = 0
 
     c.features = ml_collections.ConfigDict()  # the optional `features` stage (backbone inspection)
     c.features.images = ()

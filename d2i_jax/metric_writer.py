@@ -1,11 +1,14 @@
-"""Scalar logging to a JSONL file (one line per logged step) and TensorBoard event files, in the workdir."""
+"""Scalar logging to a JSONL file (one line per logged step) and TensorBoard event files, in the workdir; the run's
+summary figures (`metrics.json`)."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -18,6 +21,7 @@ class MetricWriter:
     """
 
     def __init__(self, workdir: str | Path):
+        self.workdir = Path(workdir)
         self._enabled = jax.process_index() == 0
         if not self._enabled:
             return
@@ -44,6 +48,19 @@ class MetricWriter:
         self._jsonl.write(json.dumps({"stage": stage, "event": kind, "time": time.time(), **fields}) + "\n")
         self._jsonl.flush()
 
+    def summary(self, updates: Mapping[str, Any]) -> dict[str, Any]:
+        """Merges `updates` into `metrics.json` and returns the whole summary: top-level keys are replaced (each
+        stage writes its own: `prior`, `create`, evaluate's model names), values stored as `jsonable`. Written under
+        a temporary name and renamed, so an interrupted write never leaves a broken file."""
+        path = self.workdir / "metrics.json"
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current.update(jax.tree.map(jsonable, dict(updates)))
+        if self._enabled:
+            tmp = path.with_name("metrics.json.tmp")
+            tmp.write_text(json.dumps(current, indent=2))
+            os.replace(tmp, path)
+        return current
+
     def flush(self) -> None:
         if self._enabled:
             self._jsonl.flush()
@@ -53,3 +70,13 @@ class MetricWriter:
         if self._enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def jsonable(value: Any) -> Any:
+    """A number or array for JSON: arrays (e.g. per-class IoU) as lists, NaN as null; strings kept."""
+    if isinstance(value, str):
+        return value
+    value = np.asarray(value, np.float64)
+    if value.ndim:
+        return [None if np.isnan(v) else float(v) for v in value]
+    return None if np.isnan(value) else float(value)

@@ -30,7 +30,7 @@ from d2i_jax.diffusion.schedule import NoiseSchedule
 from d2i_jax.distributed import process_zero_writes
 from d2i_jax.metric_writer import MetricWriter
 from d2i_jax.models.class_embeddings import class_embeddings, load_class_embeddings
-from d2i_jax.models.clip import embed_prompts
+from d2i_jax.models.clip import CaptionContexts, embed_prompts
 from d2i_jax.models.loading import StableDiffusion, load_stable_diffusion, restore_params, save_params
 from d2i_jax.models.random_sd import write_random_sd
 from d2i_jax.models.unet import UNet2DConditionModel
@@ -86,26 +86,41 @@ class Run:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.writer = MetricWriter(self.workdir)
-        # `[77, width]` text context of every caption `contexts` has seen this run (host memory: ~240 KB each for
-        # SD1.5, so ~380 MB for NYUv2's 795 real + 795 synthetic captions)
-        self.caption_embeddings: dict[str, np.ndarray] = {}
+        # every caption `contexts` has seen this run (`embed` looked up at each call)
+        self.caption_contexts = CaptionContexts(lambda prompts: self.embed(prompts))
 
     def stage_dir(self, name: str) -> Path:
         path = self.workdir / name
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def random_sd_path(self) -> Path:
+        """A tiny random-weight SD (`d2i_jax.models.random_sd`, seeded by `config.seed`) in `workdir/random_sd`,
+        written on first use: the `prior` stage's initialisation, and the backbone when there is no prior."""
+        path = self.workdir / "random_sd"
+        process_zero_writes("random SD", lambda: write_random_sd(path, seed=self.config.seed))
+        return path
+
+    @property
+    def sd_path(self) -> Path:
+        """`config.sd_path`; else the `prior` stage's SD when it is one of `config.stages` (`workdir/prior/sd`);
+        else the tiny random-weight SD."""
+        if self.config.sd_path:
+            return Path(self.config.sd_path)
+        if "prior" in self.config.stages:
+            path = self.workdir / "prior" / "sd"
+            if not (path / "model_index.json").exists():
+                raise FileNotFoundError(f"{path} is missing: the 'prior' stage has not finished (run it first)")
+            return path
+        print("config.sd_path is empty and there is no 'prior' stage: a tiny random-weight SD (demo backbone)")
+        return self.random_sd_path()
+
     @functools.cached_property
     def sd(self) -> StableDiffusion:
-        """The Stable Diffusion checkpoint of `config.sd_path`, or (empty path) a tiny random one for the demo."""
-        path = self.config.sd_path
-        if not path:
-            print("config.sd_path is empty: writing a tiny random-weight SD (demo backbone)")
-            path = self.workdir / "random_sd"
-            process_zero_writes("random SD", lambda: write_random_sd(path, seed=self.config.seed))
+        """The Stable Diffusion checkpoint of `sd_path`."""
         model = self.config.model
-        return load_stable_diffusion(path, dtype=compute_dtype(model.dtype), attention_impl=model.attention_impl,
-                                     remat_policy=model.remat_policy)
+        return load_stable_diffusion(self.sd_path, dtype=compute_dtype(model.dtype),
+                                     attention_impl=model.attention_impl, remat_policy=model.remat_policy)
 
     @functools.cached_property
     def backbone(self) -> Backbone:
@@ -123,7 +138,7 @@ class Run:
     def contexts(self, captions: list[str]) -> np.ndarray:
         """Per-example UNet context for the perception path, by `model.context`: "class_embeddings" gives
         `class_embeddings` to every example (VPD); "prompt" the captions' embeddings with `model.use_captions` (each
-        distinct caption embedded once per run, see `caption_embeddings`), else `model.prompt`'s (the public code:
+        distinct caption embedded once per run, `CaptionContexts`), else `model.prompt`'s (the public code:
         the empty prompt) for every example."""
         mode = self.config.model.context
         if mode not in CONTEXTS:
@@ -131,14 +146,7 @@ class Run:
         if mode == "class_embeddings":
             return np.broadcast_to(self.class_embeddings, (len(captions), *self.class_embeddings.shape))
         if self.config.model.use_captions:
-            captions = [c or self.config.data.fallback_caption for c in captions]
-            cache = self.caption_embeddings
-            unseen = list(dict.fromkeys(c for c in captions if c not in cache))
-            if unseen:  # one call, padded to a power of two so that few batch shapes are ever compiled
-                padded = unseen + unseen[-1:] * ((1 << (len(unseen) - 1).bit_length()) - len(unseen))
-                for caption, e in zip(unseen, np.asarray(self.embed(padded)), strict=False):
-                    cache[caption] = e.copy()  # not a view: the padded batch is freed
-            return np.stack([cache[c] for c in captions])
+            return self.caption_contexts([c or self.config.data.fallback_caption for c in captions])
         one = np.asarray(self.prompt_embedding(self.config.model.prompt))
         return np.broadcast_to(one, (len(captions), *one.shape[1:]))
 

@@ -66,8 +66,8 @@ def test_nyu_config_is_the_public_code_setting():
 
 def test_demo_config_keeps_the_code_path():
     d, n = demo.get_config(), nyu.get_config()
-    assert d.stages == n.stages and d.task.name == n.task.name and d.task.loss == n.task.loss
-    assert d.sd_path == "" and d.data.root == ""  # tiny random SD and procedural scenes
+    assert d.stages == ("prior", *n.stages) and d.task.name == n.task.name and d.task.loss == n.task.loss
+    assert d.sd_path == "" and d.data.root == ""  # a prior trained first, and procedural scenes
     assert all(s % 64 == 0 for s in d.data.image_size)
     assert d.create.T == n.create.T and d.create.num_steps == n.create.num_steps
 

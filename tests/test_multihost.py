@@ -67,6 +67,6 @@ def test_two_processes_run_the_whole_pipeline(tmp_path):
         assert (tmp_path / stage / "DONE").exists(), stage
     assert len(list((tmp_path / "create" / "img").glob("*.png"))) == 8
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) == {"untrained", "theta_W", "theta_C"}
+    assert set(metrics) == {"untrained", "theta_W", "theta_C", "create"}
     tables = [out[out.index("metrics pooled over the"):].splitlines()[1:5] for out in outs]  # header + 3 models
     assert tables[0] == tables[1]  # both processes computed the same metrics from the gathered predictions

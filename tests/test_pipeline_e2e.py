@@ -51,8 +51,10 @@ def test_every_stage_writes_its_outputs(finished):
     assert sorted(m["source_id"] for m in manifest) == list(range(8))
     assert manifest[0]["T"] == 600 and manifest[0]["steps"] == 2 and manifest[0]["guidance"] == 1.0
     metrics = json.loads((finished / "metrics.json").read_text())
-    assert set(metrics) == {"untrained", "theta_W", "theta_C"}
-    for m in metrics.values():
+    assert set(metrics) == {"untrained", "theta_W", "theta_C", "create"}
+    fidelity = metrics.pop("create")  # theta_W on the creations against their sources' ground truth, and on those
+    assert fidelity["images"] == 8 and set(fidelity) == {"images", "synthetic", "real"}
+    for m in [*metrics.values(), fidelity["synthetic"], fidelity["real"]]:
         assert set(m) >= {"mean", "median", "rmse", "pct_5", "pct_7_5", "pct_11_25", "pct_22_5", "pct_30"}
         assert 0 <= m["mean"] <= 180 and 0 <= m["pct_30"] <= 100
     for picture in ("evaluate/predictions.png", "create/samples.png", "generate/from_noise.png",

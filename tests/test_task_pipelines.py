@@ -62,8 +62,9 @@ def test_task_runs_every_stage(config, label, sd_path, tmp_path):
         assert Image.open(labels[0]).mode == "P"
         assert example[keys.SEMSEG].max() < r.task.num_classes
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) == {"untrained", "theta_W", "theta_C"}
-    for m in metrics.values():
+    assert set(metrics) == {"untrained", "theta_W", "theta_C", "create"}
+    fidelity = metrics.pop("create")
+    for m in [*metrics.values(), fidelity["synthetic"], fidelity["real"]]:
         for key, _ in r.task.metric_columns:
             assert m[key] is not None and np.isfinite(m[key]), (key, m)
     assert (tmp_path / "evaluate" / "predictions.png").stat().st_size > 0

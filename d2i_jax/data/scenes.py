@@ -19,6 +19,7 @@ Conventions of what `render` returns (and what `write_nyu_layout` writes):
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -480,7 +481,27 @@ def encode_normals(normal: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def scene_seed(seed: int, split: str, index: int) -> int:
     """The per-example seed `write_nyu_layout` renders example `index` of `split` with."""
-    return int(np.random.SeedSequence([seed, {"train": 0, "test": 1}.get(split, 2), index]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, SPLIT_CODES.get(split, 2), index]).generate_state(1)[0])
+
+
+SPLIT_CODES = {"train": 0, "test": 1, "pool": 3}  # `scene_seed`: the unlabelled pool never draws a labelled scene
+
+
+def write_image_pool(root: str | Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """Renders `count` unlabelled scenes (`split = "pool"`, disjoint from the labelled train / test scenes of the
+    same seed) as `root/img/NNNNNN.png` + `root/caption/NNNNNN.txt`, the `CaptionedImages` layout the `prior` stage
+    trains on; `root/DONE`, written last, marks a complete pool (a rerun reuses it)."""
+    root = Path(root)
+    if (root / "DONE").exists():
+        return root
+    for sub in ("img", "caption"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(count), desc="rendering the unlabelled pool", unit="scene"):
+        r = render_scene(scene_seed(seed, "pool", i), size)
+        Image.fromarray(r.image).save(root / "img" / f"{i:06d}.png")
+        (root / "caption" / f"{i:06d}.txt").write_text(r.caption)
+    (root / "DONE").write_text(json.dumps({"count": count, "size": list(size), "seed": seed}))
+    return root
 
 
 def write_nyu_layout(
@@ -535,8 +556,10 @@ class SceneSource(NyuNormals):
 def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
                 label_keys: Sequence[str], workdir: Path, seed: int = 0) -> SceneSource:
     """`config.data.name = "scenes"`: procedural rooms (`config.scenes`: counts and size) rendered once into
-    `<workdir>/scenes` in the NYUv2 layout (normals, depth, semantics), then read like NYUv2."""
+    `<workdir>/scenes` in the NYUv2 layout (normals, depth, semantics), then read like NYUv2. `config.scenes.seed`
+    draws the scenes (the run's `seed` when it is absent), so runs of different training seeds share one dataset."""
     cfg = config.scenes
+    seed = cfg.get("seed", seed)
     root = Path(workdir) / "scenes"
     if not (root / "test.txt").exists():  # written last
         print(f"rendering {cfg.num_train} + {cfg.num_test} procedural scenes into {root}")

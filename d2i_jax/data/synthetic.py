@@ -20,9 +20,45 @@ from d2i_jax.data.fingerprint import combined, digest
 from d2i_jax.tasks.base import Task
 
 
-class SyntheticImages:
-    """Random-access examples from `<root>/img/NNNNNN.png` and `<root>/caption/NNNNNN.txt` (the create stage),
-    with `task`'s label keys.
+class CaptionedImages:
+    """Random-access `{IMAGE, ID, CAPTION}` examples from `<root>/img/*.png` (RGB in [-1, 1], resized to `size`
+    (H, W) unless None) and `<root>/caption/<stem>.txt` (empty when missing): an unlabelled image folder, e.g. the
+    `prior` stage's pool or the create stage's output."""
+
+    def __init__(self, root: str | Path, size: tuple[int, int] | None = None, *, hint: str = ""):
+        self.root, self.size = Path(root), size
+        self.paths = sorted((self.root / "img").glob("*.png"))
+        if not self.paths:
+            raise FileNotFoundError(f"no images in {self.root / 'img'}{hint}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, n={len(self)})"
+
+    def _caption_file(self, index: int) -> Path:
+        return self.root / "caption" / f"{self.paths[index].stem}.txt"
+
+    def captions(self) -> list[str]:
+        """Every example's caption, in order, without reading the images."""
+        files = map(self._caption_file, range(len(self)))
+        return [f.read_text().strip() if f.exists() else "" for f in files]
+
+    def fingerprint(self) -> str:
+        """Digest of the size and the image and caption files (`d2i_jax.data.fingerprint`)."""
+        return digest(type(self).__name__, self.size, files=[*self.paths, *map(self._caption_file, range(len(self)))])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        image = _read_rgb(path, self.size, Image.Resampling.BILINEAR, "image").astype(np.float32) / 127.5 - 1.0
+        caption_file = self._caption_file(index)
+        return {keys.IMAGE: image, keys.ID: np.int32(index),
+                keys.CAPTION: caption_file.read_text().strip() if caption_file.exists() else ""}
+
+
+class SyntheticImages(CaptionedImages):
+    """The create stage's `<root>/img/NNNNNN.png` and `<root>/caption/NNNNNN.txt`, with `task`'s label keys.
 
     With `labels`, each example carries theta_W's label that the create stage stored under `<root>/label/` (the
     task's encoding, `Task.label_file`) as its ground truth and no `SYNTHETIC` flag, so no one relabels it (the
@@ -30,23 +66,12 @@ class SyntheticImages:
     """
 
     def __init__(self, root: str | Path, task: Task, size: tuple[int, int] | None = None, *, labels: bool = False):
-        self.root, self.task, self.size, self.labels = Path(root), task, size, labels
-        self.paths = sorted((self.root / "img").glob("*.png"))
-        if not self.paths:
-            raise FileNotFoundError(f"no generated images in {self.root / 'img'}; run the 'create' stage first")
+        super().__init__(root, size, hint="; run the 'create' stage first")
+        self.task, self.labels = task, labels
         missing = [p for p in map(self._label_path, self.paths) if not p.is_file()] if labels else []
         if missing:  # fail now, not hours into training
             raise FileNotFoundError(f"{len(missing)} stored labels missing, e.g. {missing[0]}; rerun the 'create' "
                                     "stage (it writes label/NNNNNN.png beside each image)")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __repr__(self) -> str:
-        return f"SyntheticImages(root={str(self.root)!r}, n={len(self)})"
-
-    def _caption_file(self, index: int) -> Path:
-        return self.root / "caption" / f"{self.paths[index].stem}.txt"
 
     def fingerprint(self) -> str:
         """Digest of the size, the image, caption (and stored label) files (`d2i_jax.data.fingerprint`) and create's
@@ -59,15 +84,11 @@ class SyntheticImages:
                       files=[*self.paths, *captions, *labels])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        path = self.paths[index]
-        image = _read_rgb(path, self.size, Image.Resampling.BILINEAR, "generated image").astype(np.float32)
-        image = image / 127.5 - 1.0
-        caption_file = self._caption_file(index)
-        example = {keys.IMAGE: image, keys.ID: np.int32(index),
-                   keys.CAPTION: caption_file.read_text().strip() if caption_file.exists() else ""}
+        example = super().__getitem__(index)
+        size = example[keys.IMAGE].shape[:2]
         if self.labels:  # at the image's size
-            return {**example, **self.task.read_label(self._label_path(path), image.shape[:2])}
-        return {**example, **self.task.empty_labels(image.shape[:2]), keys.SYNTHETIC: np.bool_(True)}
+            return {**example, **self.task.read_label(self._label_path(self.paths[index]), size)}
+        return {**example, **self.task.empty_labels(size), keys.SYNTHETIC: np.bool_(True)}
 
     def _label_path(self, image_path: Path) -> Path:
         return self.task.label_file(self.root / "label", image_path.stem)

@@ -199,3 +199,21 @@ def embed_pooled(
 def _jitted_apply(module: nn.Module) -> Any:
     """One jitted `apply` per (hashable, immutable) module, so repeated calls reuse its compilations."""
     return jax.jit(module.apply)
+
+
+class CaptionContexts:
+    """`captions -> [len(captions), 77, width]` text contexts, each distinct caption embedded once (host memory:
+    ~240 KB each for SD1.5, so ~380 MB for NYUv2's 795 real + 795 synthetic captions). Unseen captions go through
+    `embed` in one call padded to a power of two, so that few batch shapes are ever compiled."""
+
+    def __init__(self, embed: Callable[[list[str]], jax.Array]):
+        self.embed = embed
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, captions: Sequence[str]) -> np.ndarray:
+        unseen = list(dict.fromkeys(c for c in captions if c not in self.cache))
+        if unseen:
+            padded = unseen + unseen[-1:] * ((1 << (len(unseen) - 1).bit_length()) - len(unseen))
+            for caption, e in zip(unseen, np.asarray(self.embed(padded)), strict=False):
+                self.cache[caption] = e.copy()  # not a view: the padded batch is freed
+        return np.stack([self.cache[c] for c in captions])

@@ -14,11 +14,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from d2i_jax.diffusion.schedule import SD15_SCHEDULER_CONFIG
+from d2i_jax.models.export import write_diffusers_folder
 from d2i_jax.models.loading import build_module, param_shapes
-from weights_conversion.flax_to_torch import to_state_dict
 
 # SD1.5's shape (4 levels, 2 layers per block, 25 block outputs, /8 VAE), at a width a CPU trains in minutes.
 TINY_UNET: dict[str, Any] = {
@@ -44,7 +43,6 @@ TINY_TEXT_ENCODER: dict[str, Any] = {
     "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
 }
 SD_SCHEDULER: dict[str, Any] = {"_class_name": "DDIMScheduler", **SD15_SCHEDULER_CONFIG}
-_WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 
 
 def write_char_tokenizer(folder: Path) -> None:
@@ -99,15 +97,7 @@ def write_random_sd(
     if (folder / "model_index.json").exists():
         return folder
     configs = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-    for i, (name, config) in enumerate(configs.items()):
-        module = build_module(name, config)
-        params = random_params(name, module, seed + i)
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        save_file(to_state_dict(params), str(folder / name / f"{_WEIGHT_FILES[name]}.safetensors"))
-        (folder / name / "config.json").write_text(json.dumps(config, indent=2))
-    write_char_tokenizer(folder / "tokenizer")
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER, indent=2))
-    index = {"_class_name": "StableDiffusionPipeline", "_note": "random weights written by d2i_jax (demo)"}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))  # written last: marks completion
-    return folder
+    params = {name: random_params(name, build_module(name, config), seed + i)
+              for i, (name, config) in enumerate(configs.items())}
+    return write_diffusers_folder(folder, params, configs, scheduler=SD_SCHEDULER, write_tokenizer=write_char_tokenizer,
+                                  note="random weights written by d2i_jax (demo)")

@@ -2,9 +2,10 @@
 
 from collections.abc import Callable
 
-from d2i_jax.stages import create, evaluate, features, generate, self_improve, warmup
+from d2i_jax.stages import create, evaluate, features, generate, prior, self_improve, warmup
 
 REGISTRY: dict[str, Callable] = {
+    "prior": prior.run,
     "features": features.run,
     "warmup": warmup.run,
     "create": create.run,

@@ -16,7 +16,7 @@ that a rerun would take as done.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -27,7 +27,9 @@ from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_atomically, write_png_atomically
 from d2i_jax.perception.generation import PairGenerator
+from d2i_jax.stages.evaluate import format_table
 from d2i_jax.training.inference import sharded_call
+from d2i_jax.training.steps import Steps
 
 if TYPE_CHECKING:
     from d2i_jax.runner import Run
@@ -71,6 +73,9 @@ def run(r: Run) -> None:
         (out / sub).mkdir(exist_ok=True)
     source = r.source(r.config.data.train_split)
     count = len(source) if cfg.num_images < 0 else min(cfg.num_images, len(source))
+    if count == 0:
+        print("[create] create.num_images = 0: no synthetic images (self_improve then trains on real data only)")
+        return
     missing = np.asarray([not (out / "img" / f"{i:06d}.png").exists() for i in range(count)])
     todo = np.flatnonzero(multihost_utils.broadcast_one_to_all(missing)).tolist()  # process 0's view for all
     print(f"[create] {count} images ({count - len(todo)} already there), source={cfg.source}, T={cfg.T}, "
@@ -91,6 +96,7 @@ def run(r: Run) -> None:
                    perception_context=batch.get("perception_context"))
 
     task = r.task
+    fidelity = Fidelity(r) if cfg.source == "partial" else None
     grid = []
     writer = jax.process_index() == 0  # the workdir is shared (see `d2i_jax.runner`)
     manifest = (out / "manifest.jsonl").open("a") if writer else None
@@ -101,6 +107,8 @@ def run(r: Run) -> None:
         batch = {keys.IMAGE: np.stack([e[keys.IMAGE] for e in examples]), keys.ID: np.asarray(ids, np.int32),
                  "context": contexts(r, captions), **label_inputs(r, cfg, captions)}
         rgb, pred = sharded_call(synthesize, (r.frozen, params, batch_stats), batch, r.mesh, rows=cfg.batch_size)
+        if fidelity is not None:
+            fidelity.update(examples, pred, (params, batch_stats))
         if not writer:
             continue
         for k, i in enumerate(ids):
@@ -117,7 +125,41 @@ def run(r: Run) -> None:
                 grid.append([viz.image_to_uint8(examples[k][keys.IMAGE]), viz.image_to_uint8(rgb[k]),
                              *task.pictures(pred[k]).values()])
         manifest.flush()
+    if fidelity is not None:
+        fidelity.report(len(todo))
     if writer:
         manifest.close()
         viz.save_grid(out / "samples.png", grid, ["real", "synthetic", *task.pictures(pred[0]).keys()],
                       footer=task.legend())
+
+
+class Fidelity:
+    """How faithful partial-noise creations are, measured without looking at them: theta_W's metrics on each
+    synthetic image against its *source* image's ground truth (T = 600 keeps the room's layout: a prior that makes
+    the scene again scores near theta_W's own figure on the real images, which is reported beside it; a prior that
+    makes noise scores like an untrained model). In the log and `metrics.json["create"]`."""
+
+    def __init__(self, r: Run):
+        self.r, self.protocol = r, r.config.evaluate.protocol
+        self.accs = {name: r.task.new_metrics(self.protocol) for name in ("synthetic", "real")}
+        steps = Steps(r.perceiver, r.task, None)
+        rng = jax.random.key(r.config.seed)
+        self.predict = jax.jit(lambda frozen, model, batch: steps.predict({"theta_W": model}, frozen,
+                                                                          batch[keys.IMAGE], batch["context"], rng))
+
+    def update(self, examples: list[dict[str, Any]], synthetic: np.ndarray, model: tuple[Any, Any]) -> None:
+        """Scores theta_W's labels `synthetic` of the images created from `examples`, and theta_W on `examples`."""
+        labels = {k: np.stack([e[k] for e in examples]) for k in self.r.task.label_keys}
+        batch = {keys.IMAGE: np.stack([e[keys.IMAGE] for e in examples]),
+                 "context": self.r.contexts([e[keys.CAPTION] for e in examples])}
+        real = sharded_call(self.predict, (self.r.frozen, model), batch, self.r.mesh,
+                            rows=self.r.config.create.batch_size)["theta_W"]
+        self.r.task.update_metrics(self.accs["synthetic"], synthetic, labels)
+        self.r.task.update_metrics(self.accs["real"], real, labels)
+
+    def report(self, count: int) -> None:
+        results = {name: acc.result() for name, acc in self.accs.items()}
+        columns = self.r.task.metric_columns
+        print(f"[create] fidelity of the {count} creations: theta_W on each synthetic image against its source's "
+              f"ground truth, and on the real images\n{format_table(results, columns)}")
+        self.r.writer.summary({"create": {"images": count, **results}})

@@ -14,7 +14,6 @@ kappa). Nothing here is task-specific: the task (`d2i_jax.tasks`) supplies resiz
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
@@ -97,8 +96,8 @@ def run(r: Run) -> None:
     scalars = {name: {k: v for k, v in m.items() if np.ndim(v) == 0} for name, m in results.items()}
     for name, m in scalars.items():
         r.writer.write("evaluate", 0, {f"{name}/{k}": v for k, v in m.items()})
+    r.writer.summary(results)
     if jax.process_index() == 0:
-        (r.workdir / "metrics.json").write_text(json.dumps(jax.tree.map(_jsonable, results), indent=2))
         labels = ["image", "ground truth", *shown, *(f"{e} ({extras_of})" for e in extra_names)]
         viz.save_grid(r.stage_dir("evaluate") / "predictions.png", rows, labels, footer=task.legend())
     print(f"[evaluate] {len(source)} test images ({cfg.inference} inference), {task.name} metrics pooled over the "
@@ -209,10 +208,3 @@ def _by_image_size(examples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]
         groups.setdefault(np.shape(e[keys.IMAGE]), []).append(e)
     return list(groups.values())
 
-
-def _jsonable(value: Any) -> Any:
-    """Metric values for `metrics.json`: arrays (e.g. per-class IoU) as lists, NaN as null."""
-    value = np.asarray(value, np.float64)
-    if value.ndim:
-        return [None if np.isnan(v) else float(v) for v in value]
-    return None if np.isnan(value) else float(value)

@@ -28,9 +28,12 @@ TEACHERS = ("ema", "fixed")
 
 def sources(r: Run, teacher: str) -> tuple[Any, Any]:
     """(real, synthetic) sources. teacher "ema": synthetic images flagged for theta_C's online labels (real ones
-    flagged False, so batches mix); "fixed": the stored theta_W labels as ground truth, nothing flagged."""
+    flagged False, so batches mix); "fixed": the stored theta_W labels as ground truth, nothing flagged. With
+    `create.num_images = 0` there is no synthetic source (None): the EMA teacher without synthetic data."""
     real = r.source(r.config.data.train_split, training=True)
     fixed = teacher == "fixed"
+    if r.config.create.num_images == 0:
+        return (real if fixed else Flagged(real, flag=False)), None
     synthetic = SyntheticImages(r.workdir / "create", r.task, size=tuple(r.config.data.image_size), labels=fixed)
     return (real if fixed else Flagged(real, flag=False)), synthetic
 
@@ -53,9 +56,12 @@ def run(r: Run) -> None:
     cfg = r.config.self_improve
     real, synthetic = sources(r, cfg.teacher)
     # cached per source, before mixing: every example of the mix then carries its moments
-    real, synthetic = with_cached_latents(r, "self_improve", {"real": real, "synthetic": synthetic}).values()
+    parts = with_cached_latents(r, "self_improve", {"real": real, **({"synthetic": synthetic} if synthetic else {})})
+    real, synthetic = parts["real"], parts.get("synthetic")
     batch = r.config.train.batch_size
-    if cfg.mix == "pool":
+    if synthetic is None:
+        source, shuffle, epochs = real, True, cfg.epochs
+    elif cfg.mix == "pool":
         source, shuffle, epochs = Pool([real, synthetic]), True, cfg.epochs
     elif cfg.mix == "fixed":
         if cfg.real_per_batch + cfg.synthetic_per_batch != batch or jax.process_count() > 1:
@@ -69,7 +75,8 @@ def run(r: Run) -> None:
     steps = steps_for(r, tx)
     params, batch_stats = r.load_model("warmup")
     state = r.train_state(params, batch_stats, tx, seed_offset=2)
-    print(f"[self_improve] {len(real)} real + {len(synthetic)} synthetic images ({cfg.mix}), {cfg.epochs} epochs")
+    print(f"[self_improve] {len(real)} real + {len(synthetic) if synthetic else 0} synthetic images ({cfg.mix}), "
+          f"{cfg.epochs} epochs")
     state = r.fit("self_improve", steps, state, source, epochs=epochs, shuffle=shuffle)
     if cfg.teacher == "fixed":
         r.save_model("self_improve", state.params, state.batch_stats)

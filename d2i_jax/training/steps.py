@@ -100,22 +100,8 @@ class Steps:
             return self.task.loss_fn(out, labels), new_stats
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        state = state.replace(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            batch_stats=keep(new_stats, state.batch_stats),
-            opt_state=keep(opt_state, state.opt_state),
-        )
-        if self.ema_every:
-            state = update_ema(state, self.ema_decay, self.ema_every)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(state.params),
-                   "skipped": 1.0 - ok.astype(jnp.float32)}
-        return state, metrics
+        return apply_gradients(state, self.tx, loss, grads, new_stats, ema_decay=self.ema_decay,
+                               ema_every=self.ema_every)
 
     def predict(self, models: dict[str, tuple[Any, Any]], frozen: Any, images: jax.Array, context: jax.Array,
                 rng: jax.Array, moments: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -130,6 +116,30 @@ class Steps:
             head_out, _ = self.perceiver.head(params, batch_stats, feats, images.shape[1:3], train=False)
             out[name] = self.task.prediction(head_out)
         return out
+
+
+def apply_gradients(state: TrainState, tx: optax.GradientTransformation, loss: jax.Array, grads: Any,
+                    new_stats: Any, *, ema_decay: float = 0.0, ema_every: int = 0
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The end of every train step: the optimiser update, skipped (params, norm state and optimiser state kept,
+    `skipped = 1`) when the loss or gradient is not finite; then theta_C's EMA when `ema_every` says it is due.
+    Returns the new state and the step's scalars (loss, grad_norm, param_norm, skipped)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        batch_stats=keep(new_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state),
+    )
+    if ema_every:
+        state = update_ema(state, ema_decay, ema_every)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(state.params),
+               "skipped": 1.0 - ok.astype(jnp.float32)}
+    return state, metrics
 
 
 SCHEDULES = ("constant", "poly")
