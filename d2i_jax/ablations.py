@@ -192,16 +192,14 @@ def report(results: dict[str, Any], config: ml_collections.ConfigDict) -> str:
     return "\n".join(lines) + "\n"
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/demo_ablations.py or alike.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where every run, the tables and the compilation cache go.")
-
-
-def main(argv: list[str]) -> None:
+def main(argv: list[str], config: ml_collections.ConfigDict, workdir: str) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    Ablations(_CONFIG.value, _WORKDIR.value)()
+    Ablations(config, workdir)()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the flags are defined here only: importing the module must not clash with main.py's
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/demo_ablations.py or alike.", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Where every run, the tables and the compilation cache go.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(lambda argv: main(argv, _CONFIG.value, _WORKDIR.value))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from configs import nyu
 from d2i_jax.data import keys
 from d2i_jax.data.files import keep_ratio_size, resize_linear
+from d2i_jax.metric_writer import MetricWriter, jsonable
 from d2i_jax.stages import evaluate
 from d2i_jax.stages.evaluate import picture_columns
 from d2i_jax.tasks.normals import NormalsTask
@@ -86,7 +87,7 @@ def fake_run(tmp_path, task, examples, inference):
         source=lambda split, native_size: examples, perceiver=None, shard=lambda tree: tree,
         init_model=lambda: (jnp.float32(1.5), {}), model_dir=lambda stage: tmp_path / "absent",
         contexts=lambda captions: np.zeros((len(captions), 2, 4), np.float32),
-        writer=SimpleNamespace(write=lambda *a: None),
+        writer=MetricWriter(tmp_path),
         stage_dir=lambda name: (tmp_path / name).mkdir(exist_ok=True) or tmp_path / name)
 
 
@@ -133,7 +134,7 @@ def test_stage_metrics_on_a_fake_model(tmp_path, monkeypatch, task, inference):
     examples = fake_examples(task)
     evaluate.run(fake_run(tmp_path, task, examples, inference))
     got = json.loads((tmp_path / "metrics.json").read_text())["untrained"]
-    want = jax.tree.map(evaluate._jsonable, expected_metrics(task, examples, inference))
+    want = jax.tree.map(jsonable, expected_metrics(task, examples, inference))
     assert got.keys() == want.keys()
     for key in got:
         np.testing.assert_allclose(np.asarray(got[key], float), np.asarray(want[key], float), rtol=2e-5, err_msg=key)
