@@ -24,7 +24,6 @@ Each phase trains with the shared loop (`d2i_jax.training.loop.fit`): jitted, sh
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ import numpy as np
 
 from d2i_jax import viz
 from d2i_jax.data import keys
+from d2i_jax.data.fingerprint import digest
 from d2i_jax.data.latent_cache import WithMoments, encode_moments
 from d2i_jax.data.scenes import write_image_pool
 from d2i_jax.data.synthetic import CaptionedImages
@@ -68,7 +68,7 @@ def run(r: Run) -> None:
 
     vae_params = _autoencoder(r, cfg.vae, init, pool)
     moments = encode_moments(pool, init.vae, r.shard(vae_params), r.mesh, out / "unet" / "moments.npy",
-                             batch_size=cfg.unet.batch_size, fingerprint=_fingerprint(out / "vae" / "model"),
+                             batch_size=cfg.unet.batch_size, fingerprint=_model_digest(out / "vae" / "model"),
                              desc="prior: latents of the pool")
     scaling_factor = latent_scaling_factor(np.load(moments, mmap_mode="r"))
     print(f"[prior] latent scaling factor 1 / std = {scaling_factor:.5f} (SD1.5: 0.18215)")
@@ -97,10 +97,9 @@ def _pool_root(r: Run, cfg: ml_collections.ConfigDict, size: tuple[int, int]) ->
     return root
 
 
-def _fingerprint(model_dir: Path) -> str:
-    """What a cache computed from a saved model depends on: the model files' sizes and times."""
-    return json.dumps(sorted((str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns)
-                             for p in model_dir.rglob("*") if p.is_file()))
+def _model_digest(model_dir: Path) -> str:
+    """What a cache computed from a saved model depends on: its files (paths, sizes, times)."""
+    return digest("prior-model", files=sorted(p for p in model_dir.rglob("*") if p.is_file()))
 
 
 def latent_scaling_factor(moments: np.ndarray) -> float:
