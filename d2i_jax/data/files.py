@@ -7,6 +7,7 @@ their message), so `d2i_jax.data.robust` can report and skip them alike.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,13 +48,19 @@ def load_image(path: Path, what: str, modes: Sequence[str]) -> Image.Image:
     """Open and fully decode an image whose PIL mode is one of `modes`; errors name `path`."""
     if not path.is_file():
         raise missing(path, what)
+    return decode_image(path, path, what, modes)
+
+
+def decode_image(file: Path | bytes, name: str | Path, what: str, modes: Sequence[str]) -> Image.Image:
+    """Fully decode an image from a path or from its bytes (a member of an archive) whose PIL mode is one of
+    `modes`; errors name `name`."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as im:
             im.load()
     except (OSError, ValueError, SyntaxError) as e:  # PIL's decoders raise all three
-        raise DatasetFileError(f"cannot decode {what} file {path}: {e}", path) from e
+        raise DatasetFileError(f"cannot decode {what} file {name}: {e}", name) from e
     if im.mode not in modes:
-        raise DatasetFileError(f"{what} file {path} has mode {im.mode}, expected one of {tuple(modes)}", path)
+        raise DatasetFileError(f"{what} file {name} has mode {im.mode}, expected one of {tuple(modes)}", name)
     return im
 
 
