@@ -85,9 +85,14 @@ class Run:
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.writer = MetricWriter(self.workdir)
         # every caption `contexts` has seen this run (`embed` looked up at each call)
         self.caption_contexts = CaptionContexts(lambda prompts: self.embed(prompts))
+
+    @functools.cached_property
+    def writer(self) -> MetricWriter:
+        """`metrics.jsonl` / TensorBoard logs in the workdir, opened on first use (so a `Run` that only reads a
+        trained model, e.g. `d2i_jax.predict`'s, leaves the workdir as it was)."""
+        return MetricWriter(self.workdir)
 
     def stage_dir(self, name: str) -> Path:
         path = self.workdir / name
