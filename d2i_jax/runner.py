@@ -36,7 +36,7 @@ from d2i_jax.models.random_sd import write_random_sd
 from d2i_jax.models.unet import UNet2DConditionModel
 from d2i_jax.models.vae import AutoencoderKL
 from d2i_jax.perception.backbone import Backbone
-from d2i_jax.perception.feature_paths import make_predictor
+from d2i_jax.perception.feature_paths import backbone_factory, make_predictor
 from d2i_jax.perception.model import Perceiver
 from d2i_jax.perception.vpd import TextAdapter
 from d2i_jax.tasks import Task, get_task
@@ -62,11 +62,16 @@ def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
 def make_backbone(model: ml_collections.ConfigDict, vae: AutoencoderKL, unet: UNet2DConditionModel,
                   scheduler_config: dict[str, Any] | None = None) -> Backbone:
     """The feature pass `config.model` sets (`t_feat`, posterior sample or mean, scaling, noising, VPD's attention
-    maps) over these SD modules; `scheduler_config`: the checkpoint's diffusers scheduler config (None: SD1.5's)."""
+    maps; the feature path's own backbone where it has one) over these SD modules; `scheduler_config`: the
+    checkpoint's diffusers scheduler config (None: SD1.5's), with `model.scheduler_overrides` applied."""
     if model.attention_maps and model.features != "vpd":
         raise ValueError(f"config.model.attention_maps is VPD's: it needs model.features='vpd', not "
                          f"{model.features!r}")
-    return Backbone(vae=vae, unet=unet, schedule=NoiseSchedule.from_config(scheduler_config), t_feat=model.t_feat,
+    schedule = NoiseSchedule.from_config(scheduler_config, **model.get("scheduler_overrides", {}))
+    factory = backbone_factory(model.features)
+    if factory is not None:
+        return factory(model, vae, unet, schedule)
+    return Backbone(vae=vae, unet=unet, schedule=schedule, t_feat=model.t_feat,
                     sample_posterior=model.sample_posterior, scale_latents=model.scale_latents,
                     noise_features=model.noise_features, attention_maps=model.attention_maps)
 
@@ -247,16 +252,28 @@ class Run:
     # ------------------------------------------------------------------------------------------ data
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 - one Run per process; a few (split, size) pairs
-    def source(self, split: str, *, native_size: bool = False, training: bool = False) -> RandomAccessSource:
+    def source(self, split: str, *, native_size: bool = False, training: bool = False,
+               evaluation: bool = False) -> RandomAccessSource:
         """The dataset plug-in `config.data.name`'s split, with the task's labels, at the training resolution (or as
         stored, for evaluation), guarded against bad files by `config.data.on_bad_file` / `check_files`.
         `training`: the examples `fit` augments (`augmentation`), as stored when the augmentation crops them to the
-        input size itself (`data.augment.kind = "mmseg_seg"`)."""
-        cfg = self.config.data
+        input size itself (`data.augment.kind = "mmseg_seg"`). `evaluation`: `config.data` with the overrides of
+        `config.evaluate.data` (e.g. train on Hypersim, evaluate on NYUv2)."""
+        cfg = self.data_config(evaluation)
         native_size = native_size or (training and cfg.augment.kind == "mmseg_seg")
         source = get_source(cfg, split, size=None if native_size else tuple(cfg.image_size),
                             label_keys=self.task.label_keys, workdir=self.workdir, seed=self.config.seed)
         return self._guarded(source, f"{cfg.name}/{split}")
+
+    def data_config(self, evaluation: bool = False) -> ml_collections.ConfigDict:
+        """`config.data`, or for evaluation with `config.evaluate.data`'s keys (when set) replacing its own."""
+        overrides = self.config.evaluate.get("data") if evaluation else None
+        if not overrides:
+            return self.config.data
+        cfg = self.config.data.copy_and_resolve_references()
+        with cfg.unlocked():
+            cfg.update(overrides.to_dict() if isinstance(overrides, ml_collections.ConfigDict) else dict(overrides))
+        return cfg
 
     def _guarded(self, source: RandomAccessSource, name: str) -> RandomAccessSource:
         """`config.data.check_files`: decode every file once up front (progress bar), so a broken dataset fails in
@@ -296,13 +313,13 @@ class Run:
         return functools.partial(augment, config=Augment(hflip=aug.hflip, brightness=j, contrast=j, saturation=j))
 
     def fit(self, stage: str, steps: Any, state: TrainState, source: RandomAccessSource, *, epochs: int,
-            shuffle: bool = True) -> TrainState:
+            shuffle: bool = True, max_steps: int = 0) -> TrainState:
         """`d2i_jax.training.loop.fit` with this run's mesh, frozen params, contexts, logs and settings; checkpoints
         in `workdir/<stage>/checkpoints`."""
         return fit(stage, steps, state, source, frozen=self.frozen, mesh=self.mesh, contexts=self.contexts,
                    checkpoint_dir=self.stage_dir(stage) / "checkpoints", writer=self.writer,
                    options=FitOptions.from_config(self.config), epochs=epochs, shuffle=shuffle,
-                   random_map=self.augmentation())
+                   random_map=self.augmentation(), max_steps=max_steps)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:

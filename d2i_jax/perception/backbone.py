@@ -78,14 +78,16 @@ class Backbone:
 
     def image_features(
         self, vae_params: Any, unet_params: Any, images: jax.Array, context: jax.Array, rng: jax.Array,
-        moments: jax.Array | None = None,
+        moments: jax.Array | None = None, *, train: bool = False,
     ) -> UNetFeatures:
         """images -> posterior -> latents -> `features`, with independent randomness for each draw.
 
         `moments` (`[B, H/8, W/8, 2 * latent_channels]`, `Posterior.moments` of these images, e.g. cached by
         `d2i_jax.data.latent_cache`) replaces the VAE encode; the latent is still drawn from it with the same rng,
-        so the result equals encoding `images`.
+        so the result equals encoding `images`. `train`: a training forward (the same pass here; the one-step
+        backbone draws its timestep then).
         """
+        del train
         latent_rng, noise_rng = jax.random.split(rng)
         posterior = self.posterior(vae_params, images) if moments is None else Posterior.from_moments(moments)
         latents = self.latents(posterior, latent_rng, scale=self.scale_latents)

@@ -19,6 +19,14 @@ from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.fusion import group_by_stride
 
 
+class NoNeck(nn.Module):
+    """The neck slot of paths whose heads take the selected features as they are (VPD's, the one-step read-out)."""
+
+    def __call__(self, features: Any, image_size: tuple[int, int], *, train: bool) -> Any:
+        del image_size, train
+        return features
+
+
 class DensePredictor(nn.Module):
     """The UNet block outputs a feature path selects (`select`), its neck (`fusion`), then a task head.
 
@@ -65,13 +73,13 @@ class Perceiver:
         return self.train_unet or self.context_adapter is not None
 
     def block_outputs(self, params: Any, frozen: Any, images: jax.Array, context: jax.Array,
-                      rng: jax.Array, moments: jax.Array | None = None) -> list[jax.Array]:
+                      rng: jax.Array, moments: jax.Array | None = None, *, train: bool = False) -> list[jax.Array]:
         """UNet block outputs of `images` (frozen or trainable UNet, adapted context); `moments`: their cached VAE
-        posterior (`Backbone.image_features`), which skips the VAE encoder."""
+        posterior (`Backbone.image_features`), which skips the VAE encoder; `train`: theta_E's training forward."""
         unet = params["unet"] if self.train_unet else frozen["unet"]
         if self.context_adapter is not None:
             context = self.context_adapter.apply({"params": params["adapter"]}, context)
-        feats = self.backbone.image_features(frozen["vae"], unet, images, context, rng, moments)
+        feats = self.backbone.image_features(frozen["vae"], unet, images, context, rng, moments, train=train)
         return feats.block_outputs()
 
     def head(self, params: Any, batch_stats: Any, block_outputs: list[jax.Array], image_size: tuple[int, int], *,
@@ -101,7 +109,7 @@ class Perceiver:
 
         def variables(rng: jax.Array) -> tuple[Any, Any]:
             v = self.predictor.init(rng, feats, image_size, train=False)
-            params = {"head": v["params"]}
+            params = {"head": v.get("params", {})}  # a read-out head may have none
             if self.context_adapter is not None:
                 params["adapter"] = self.context_adapter.init(jax.random.fold_in(rng, 1), context)["params"]
             return params, v.get("batch_stats", {})

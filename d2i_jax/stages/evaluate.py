@@ -65,7 +65,7 @@ def format_table(results: dict[str, dict[str, Any]], columns: tuple[tuple[str, s
 def run(r: Run) -> None:
     cfg = r.config.evaluate
     task = r.task
-    source = r.source(r.config.data.test_split, native_size=True)
+    source = r.source(r.data_config(evaluation=True).test_split, native_size=True, evaluation=True)
     if cfg.protocol not in EVAL_PROTOCOLS:
         raise ValueError(f"config.evaluate.protocol must be one of {EVAL_PROTOCOLS}, got {cfg.protocol!r}")
     if cfg.inference not in INFERENCE_MODES:
@@ -114,7 +114,7 @@ def _whole(r: Run, steps: Steps) -> Infer:
     """"whole" inference: each image size a batch, resized to the model's input and the prediction back (jitted
     once per native size)."""
     cfg, task = r.config.evaluate, r.task
-    size, protocol = tuple(r.config.data.image_size), cfg.protocol
+    size, protocol = tuple(r.data_config(evaluation=True).image_size), cfg.protocol
 
     @jax.jit
     def predict(models, frozen, rng, batch):
@@ -161,7 +161,8 @@ def _slide(r: Run, steps: Steps) -> Infer:
                                 rows=cfg.batch_size)
 
         native = slide_inference(windows, [e[keys.IMAGE] for e in examples], scale=tuple(cfg.scale),
-                                 crop=tuple(r.config.data.image_size), stride=tuple(cfg.stride), rows=cfg.batch_size)
+                                 crop=tuple(r.data_config(evaluation=True).image_size), stride=tuple(cfg.stride),
+                                 rows=cfg.batch_size)
         scored = []
         for k, e in enumerate(examples):
             labels = pixel_row({x: e[x] for x in task.label_keys}, task.empty_labels)

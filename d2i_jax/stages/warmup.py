@@ -17,13 +17,29 @@ if TYPE_CHECKING:
 
 def optimizer(config: ml_collections.ConfigDict, num_examples: int, epochs: int) -> optax.GradientTransformation:
     """`config.train`'s optimiser for a stage of `epochs` passes over `num_examples` examples, which set the
-    schedule's length unless `train.total_steps` does; the UNet at `model.unet_lr_mult` when it is trained."""
+    schedule's length (in updates: steps / `train.accumulate_steps`) unless `train.total_steps` does; the UNet at
+    `model.unet_lr_mult` when it is trained."""
     cfg = config.train
-    schedule = LRSchedule(cfg.schedule, cfg.total_steps or epochs * (num_examples // cfg.batch_size),
-                          cfg.warmup_steps, cfg.warmup_ratio, cfg.poly_power, cfg.min_lr)
+    accumulate = cfg.get("accumulate_steps", 1)
+    schedule = LRSchedule(cfg.schedule, cfg.total_steps or epochs * (num_examples // cfg.batch_size) // accumulate,
+                          cfg.warmup_steps, cfg.warmup_ratio, cfg.poly_power, cfg.min_lr,
+                          cfg.get("final_ratio", 0.01))
     return make_optimizer(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                           unet_lr_mult=config.model.unet_lr_mult if config.model.train_unet else None,
-                          schedule=schedule)
+                          schedule=schedule, accumulate_steps=accumulate)
+
+
+def schedule_length(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+    """(epochs, max_steps) of the warm-up: `warmup.epochs`, or with `warmup.steps` > 0 (iteration-based recipes,
+    GenPercept's 30k) enough epochs for that many optimiser updates of `train.accumulate_steps` micro-steps each."""
+    updates = config.warmup.get("steps", 0)
+    if not updates:
+        return config.warmup.epochs, 0
+    micro_steps = updates * config.train.get("accumulate_steps", 1)
+    per_epoch = num_examples // config.train.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"warmup: {num_examples} examples do not fill one batch of {config.train.batch_size}")
+    return -(-micro_steps // per_epoch), micro_steps
 
 
 def with_cached_latents(r: Run, stage: str, sources: dict[str, Any]) -> dict[str, Any]:
@@ -49,9 +65,10 @@ def run(r: Run) -> None:
         print(f"[warmup] config.init_from is set: theta_W is {r.model_dir('warmup')}, nothing to train")
         return
     source = with_cached_latents(r, "warmup", {"train": r.source(r.config.data.train_split, training=True)})["train"]
-    tx = optimizer(r.config, len(source), r.config.warmup.epochs)
+    epochs, max_steps = schedule_length(r.config, len(source))
+    tx = optimizer(r.config, len(source), epochs)
     params, batch_stats = r.init_model()
     state = r.train_state(params, batch_stats, tx, seed_offset=1)
-    print(f"[warmup] {len(source)} training images, {r.config.warmup.epochs} epochs")
-    state = r.fit("warmup", Steps(r.perceiver, r.task, tx), state, source, epochs=r.config.warmup.epochs)
+    print(f"[warmup] {len(source)} training images, {epochs} epochs" + (f", {max_steps} steps" if max_steps else ""))
+    state = r.fit("warmup", Steps(r.perceiver, r.task, tx), state, source, epochs=epochs, max_steps=max_steps)
     r.save_model("warmup", state.params, state.batch_stats)

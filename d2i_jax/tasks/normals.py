@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,7 +22,10 @@ from d2i_jax.data.nyu import decode_normals
 from d2i_jax.losses import NORMAL_LOSSES, UNCERTAINTY_GUIDED
 from d2i_jax.metrics import DEGREES_PER_RADIAN, PUBLIC_DEGREES_PER_RADIAN, NormalErrorAccumulator
 from d2i_jax.perception.normal_head import NormalHead, NormalHeadOutput, normal_training_loss, renormalise
-from d2i_jax.tasks.base import task_fields
+from d2i_jax.perception.one_step import DecodedNormals
+from d2i_jax.tasks.base import head_choice, task_fields
+
+HEAD_TYPES = ("bae", "one_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +34,8 @@ class NormalsTask:
 
     Attributes:
       loss: a `d2i_jax.losses.NORMAL_LOSSES` name (`ug_angmf` default, `ug_vmf`, `angular`, `l2`).
-      head: `NormalHead` fields (decoder widths, sampling ratios, ...).
+      head: `type` "bae" (default: `NormalHead`, with its fields: decoder widths, sampling ratios, ...) or
+        "one_step" (GenPercept's VAE-decoder read-out `DecodedNormals`, no uncertainty: use `loss = "angular"`).
     """
 
     loss: str = "ug_angmf"
@@ -44,9 +49,14 @@ class NormalsTask:
     def __post_init__(self) -> None:
         if self.loss not in NORMAL_LOSSES:
             raise ValueError(f"unknown normal loss {self.loss!r}; choose from {sorted(NORMAL_LOSSES)}")
+        kind, _ = head_choice(self.head, HEAD_TYPES)
+        if kind == "one_step" and self.loss in UNCERTAINTY_GUIDED:
+            raise ValueError(f"task.head.type='one_step' predicts no uncertainty: task.loss={self.loss!r} needs it; "
+                             "use 'angular' (GenPercept) or 'l2'")
 
-    def make_head(self) -> NormalHead:
-        return NormalHead(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.head.items()})
+    def make_head(self) -> nn.Module:
+        kind, fields = head_choice(self.head, HEAD_TYPES)
+        return DecodedNormals(**fields) if kind == "one_step" else NormalHead(**fields)
 
     def head_kwargs(self, labels: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
         """Training-time head arguments: GT validity (excluded from importance sampling) and the sampling key."""

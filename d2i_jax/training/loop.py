@@ -97,7 +97,7 @@ def _stop_requested_on(signals: Sequence[signal.Signals]) -> Iterator[Callable[[
 def fit(stage: str, steps: StepFunctions, state: TrainState, source: RandomAccessSource, *, frozen: Any,
         mesh: Mesh, contexts: Callable[[list[str]], np.ndarray], checkpoint_dir: str | Path, writer: ScalarWriter,
         options: FitOptions, epochs: int, shuffle: bool = True,
-        random_map: Callable[[Any, np.random.Generator], Any] | None = None) -> TrainState:
+        random_map: Callable[[Any, np.random.Generator], Any] | None = None, max_steps: int = 0) -> TrainState:
     """Trains `state` (on `mesh`, e.g. from `create_sharded`) for `epochs` passes over `source`.
 
     Args:
@@ -113,6 +113,7 @@ def fit(stage: str, steps: StepFunctions, state: TrainState, source: RandomAcces
       writer: scalar logs (`metrics.jsonl`, TensorBoard).
       options: batch size, log / checkpoint periods, seed, loader workers.
       epochs / shuffle / random_map: passes over `source`, per-epoch reshuffling, per-example augmentation.
+      max_steps: stop after this many steps when the epochs hold more (0: no limit); iteration-based recipes.
 
     Raises:
       Preempted: after saving a checkpoint of the current step, when SIGTERM or a preemption notice arrived.
@@ -125,6 +126,7 @@ def fit(stage: str, steps: StepFunctions, state: TrainState, source: RandomAcces
     loader = make_loader(source, batch_size=local_batch, shuffle=shuffle, seed=options.seed, num_epochs=epochs,
                          drop_remainder=True, worker_count=options.num_workers, random_map=random_map)
     total = epochs * (len(source) // n_proc // local_batch)
+    total = min(total, max_steps) if max_steps > 0 else total
     if total == 0:
         raise ValueError(f"{stage}: {len(source)} examples do not fill one batch of {options.batch_size}")
 

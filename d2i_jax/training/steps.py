@@ -89,12 +89,12 @@ class Steps:
         size = images.shape[1:3]
         trainable_features = self.perceiver.trainable_features
         feats = None if trainable_features else self.perceiver.block_outputs(state.params, frozen, images, context,
-                                                                         feat_rng, moments)
+                                                                         feat_rng, moments, train=True)
         labels = self.labels(state, frozen, batch, context, label_rng, feats)
 
         def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-            f = (self.perceiver.block_outputs(params, frozen, images, context, feat_rng, moments) if trainable_features
-                 else feats)
+            f = (self.perceiver.block_outputs(params, frozen, images, context, feat_rng, moments, train=True)
+                 if trainable_features else feats)
             out, new_stats = self.perceiver.head(params, state.batch_stats, f, size, train=True,
                                                  **self.task.head_kwargs(labels, sample_rng))
             return self.task.loss_fn(out, labels), new_stats
@@ -142,7 +142,7 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation, loss: j
     return state, metrics
 
 
-SCHEDULES = ("constant", "poly")
+SCHEDULES = ("constant", "poly", "exponential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +153,10 @@ class LRSchedule:
     ADE20K schedule, per iteration): lr(step) = ((base - min_lr) (1 - step / total_steps)^power + min_lr) x w(step),
     w = 1 - (1 - step / warmup_steps) (1 - warmup_ratio) for step < warmup_steps, else 1. `min_lr` is absolute, not
     scaled per group, as mmcv's.
+
+    "exponential": GenPercept's / Marigold's `IterExponential` (their `src/util/lr_scheduler.py`): step / warmup_steps
+    during the warm-up (from 0), then final_ratio^((step - warmup_steps) / (total_steps - warmup_steps)), and
+    final_ratio from total_steps on (GenPercept: 100 warm-up steps, 0.01 at 25k of 30k).
     """
 
     kind: str = "constant"
@@ -161,17 +165,21 @@ class LRSchedule:
     warmup_ratio: float = 1e-6
     power: float = 1.0
     min_lr: float = 0.0
+    final_ratio: float = 0.01
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
             raise ValueError(f"unknown lr schedule {self.kind!r}; use one of {SCHEDULES}")
-        if self.kind == "poly" and self.total_steps <= 0:
-            raise ValueError(f"the poly lr schedule needs total_steps > 0, got {self.total_steps}")
+        if self.kind != "constant" and self.total_steps <= self.warmup_steps:
+            raise ValueError(f"the {self.kind} lr schedule needs total_steps > warmup_steps, got {self.total_steps} "
+                             f"and {self.warmup_steps}")
 
     def __call__(self, base: float) -> float | optax.Schedule:
         """The schedule of a group whose base lr is `base` (a float when constant)."""
         if self.kind == "constant":
             return base
+        if self.kind == "exponential":
+            return lambda step: base * self.exponential_factor(step)
         poly = optax.polynomial_schedule(base, self.min_lr, self.power, self.total_steps)
         if not self.warmup_steps:
             return poly
@@ -179,9 +187,17 @@ class LRSchedule:
         return lambda step: poly(step) * (ratio + (1 - ratio) * jnp.minimum(step, n) / n)
 
 
+    def exponential_factor(self, step: jax.Array) -> jax.Array:
+        """The "exponential" schedule's multiplier of the base lr at `step`."""
+        step = jnp.asarray(step, jnp.float32)
+        decay = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        factor = jnp.exp(jnp.clip(decay, 0.0, 1.0) * jnp.log(self.final_ratio))
+        return jnp.where(step < self.warmup_steps, step / max(self.warmup_steps, 1), factor)
+
+
 def make_optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0, grad_clip: float = 0.0,
-                   unet_lr_mult: float | None = None, schedule: LRSchedule = LRSchedule()
-                   ) -> optax.GradientTransformation:
+                   unet_lr_mult: float | None = None, schedule: LRSchedule = LRSchedule(),
+                   accumulate_steps: int = 1) -> optax.GradientTransformation:
     """Adam (public code: constant 3.57e-4) or AdamW under `schedule`, optional global-norm clipping.
 
     `unet_lr_mult` scales the UNet's learning rate when it is trained (VPD: 0.1 on ADE20K, 0.01 on NYUv2 depth); the
@@ -189,6 +205,9 @@ def make_optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0
     `paramwise_cfg` matches names by substring, so UNet params whose name contains "norm" (the attention blocks'
     GroupNorm and LayerNorms) train at lr x1 without weight decay; here every UNet param gets `unet_lr_mult` and the
     weight decay.
+
+    `accumulate_steps` > 1 averages the gradients of that many steps before one update (`optax.MultiSteps`;
+    GenPercept's effective batch 32 from micro-batches): the schedule counts updates, not micro-steps.
     """
     def base(lr: float) -> optax.GradientTransformation:
         if name == "adam":
@@ -201,4 +220,7 @@ def make_optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0
     if unet_lr_mult is not None:
         tx = optax.multi_transform({"head": tx, "unet": base(learning_rate * unet_lr_mult)},
                                    lambda params: {k: "unet" if k == "unet" else "head" for k in params})
-    return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
+    if accumulate_steps < 1:
+        raise ValueError(f"config.train.accumulate_steps must be >= 1, got {accumulate_steps}")
+    return optax.MultiSteps(tx, accumulate_steps).gradient_transformation() if accumulate_steps > 1 else tx

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from d2i_jax.perception.model import DensePredictor
+from d2i_jax.perception.model import DensePredictor, NoNeck
 
 
 def up_path_indices(num_outputs: int, sizes: Sequence[int]) -> list[int]:
@@ -71,14 +70,6 @@ def select(block_outputs: list[jax.Array], image_size: tuple[int, int]) -> list[
     features = [outputs[i] for i in reversed(picks)]
     return [jnp.concatenate([f, maps[f.shape[1:3]].astype(f.dtype)], -1) if f.shape[1:3] in maps else f
             for f in features]
-
-
-class NoNeck(nn.Module):
-    """The neck slot of VPD's path: the selected features unchanged (VPD's heads hold their own neck)."""
-
-    def __call__(self, features: Any, image_size: tuple[int, int], *, train: bool) -> Any:
-        del image_size, train
-        return features
 
 
 def make_predictor(config: ml_collections.ConfigDict, head: nn.Module) -> DensePredictor:

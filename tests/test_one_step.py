@@ -1,0 +1,245 @@
+"""GenPercept's one-step paradigm: the beta = 1 schedule's identities, the one-step backbone against the UNet and the
+VAE called by hand, multi-step as DDIM of the same UNet, the lr schedule, gradient accumulation, the relative-depth
+target, the recipe configs, and a micro fine-tune that resumes bit-exactly after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo_genpercept, genpercept_depth, genpercept_normals
+from d2i_jax import runner
+from d2i_jax.diffusion.sampling import ddim_sample, predict_x0
+from d2i_jax.diffusion.schedule import NoiseSchedule, ddim_timesteps, q_sample, velocity
+from d2i_jax.models.loading import build_module
+from d2i_jax.models.random_sd import TINY_TEXT_ENCODER, random_params, write_random_sd
+from d2i_jax.perception.one_step import OneStepBackbone
+from d2i_jax.tasks.relative_depth import normalise_depth
+from d2i_jax.training import checkpoint
+from d2i_jax.training.state import TrainState
+from d2i_jax.training.steps import LRSchedule, apply_gradients, make_optimizer
+from tests import tiny_pipeline
+
+GENPERCEPT = {"beta_start": 1.0, "beta_end": 1.0, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}
+
+
+def test_beta_one_input_is_the_rgb_latent_and_v_is_minus_the_label_latent():
+    schedule = NoiseSchedule.from_config(None, **GENPERCEPT)
+    rng = np.random.default_rng(0)
+    rgb, label = (jnp.asarray(rng.standard_normal((3, 8, 8, 4)), jnp.float32) for _ in range(2))
+    t = jnp.asarray([0, 517, 999])
+    assert float(jnp.max(schedule.alphas_cumprod)) == 0.0
+    np.testing.assert_array_equal(q_sample(schedule, label, rgb, t), rgb)  # the RGB latent is the "noise"
+    np.testing.assert_array_equal(velocity(schedule, label, rgb, t), -label)
+    np.testing.assert_array_equal(predict_x0(schedule, -label, t, rgb), label)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    unet, vae = build_module("unet", tiny_pipeline.UNET), build_module("vae", tiny_pipeline.VAE)
+    params = {"unet": random_params("unet", unet, 0), "vae": random_params("vae", vae, 1)}
+    images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 64, 64, 3)), jnp.float32)
+    context = jnp.asarray(np.random.default_rng(2).standard_normal((1, 77, 16)), jnp.float32)
+    return unet, vae, params, images, context
+
+
+def _rgb_latent(vae, params, images):
+    return vae.apply({"params": params["vae"]}, images, method="encode").mean * vae.scaling_factor
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_one_step_is_minus_the_unet_output_at_t1_decoded(tiny):
+    unet, vae, params, images, context = tiny
+    backbone = OneStepBackbone(vae, unet, NoiseSchedule.from_config(None, **GENPERCEPT))
+    feats = backbone.image_features(params["vae"], params["unet"], images, context, jax.random.key(0))
+    rgb = _rgb_latent(vae, params, images)
+    ctx = jnp.broadcast_to(context, (2, 77, 16))
+    v = unet.apply({"params": params["unet"]}, rgb, jnp.ones((2,), jnp.int32), ctx)
+    np.testing.assert_allclose(feats.latent, -v, rtol=1e-5, atol=1e-5)
+    decoded = vae.apply({"params": params["vae"]}, -v / vae.scaling_factor, method="decode")
+    np.testing.assert_allclose(feats.pixels, decoded, rtol=1e-5, atol=1e-5)
+    assert len(feats.up) == len(tiny_pipeline.UNET["block_out_channels"]) and feats.pixels.shape == images.shape
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_training_draws_t_per_image_and_needs_alpha_bar_zero(tiny):
+    unet, vae, params, images, context = tiny
+    backbone = OneStepBackbone(vae, unet, NoiseSchedule.from_config(None, **GENPERCEPT))
+    rng = jax.random.key(3)
+    got = backbone.image_features(params["vae"], params["unet"], images, context, rng, train=True).latent
+    t = jax.random.randint(rng, (2,), 0, 1000)
+    v = unet.apply({"params": params["unet"]}, _rgb_latent(vae, params, images), t, jnp.broadcast_to(context,
+                                                                                                   (2, 77, 16)))
+    np.testing.assert_allclose(got, -v, rtol=1e-5, atol=1e-5)
+    sd = OneStepBackbone(vae, unet, NoiseSchedule.from_config(None, prediction_type="v_prediction"))
+    with pytest.raises(NotImplementedError, match="alpha_bar"):
+        sd.image_features(params["vae"], params["unet"], images, context, rng, train=True)
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_multi_step_is_ddim_of_the_same_unet(tiny):
+    """DMP-style: the RGB latent as x_T of a beta < 1 schedule; with final alpha_bar = 1 DDIM's last sample is its
+    x0 estimate, so the backbone's latent is exactly `ddim_sample` of the UNet."""
+    unet, vae, params, images, context = tiny
+    schedule = NoiseSchedule.from_config(None, prediction_type="v_prediction", set_alpha_to_one=True)
+    backbone = OneStepBackbone(vae, unet, schedule, num_steps=3)
+    got = backbone.image_features(params["vae"], params["unet"], images, context, jax.random.key(0)).latent
+    timesteps = ddim_timesteps(1000, 3, steps_offset=schedule.steps_offset)
+    assert list(timesteps) == [667, 334, 1]
+    denoise = lambda x, t, c: unet.apply({"params": params["unet"]}, x, t, c)
+    want = ddim_sample(denoise, schedule, _rgb_latent(vae, params, images), timesteps,
+                       context=jnp.broadcast_to(context, (2, 77, 16)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_exponential_lr_is_genpercepts_iter_exponential():
+    schedule = LRSchedule("exponential", total_steps=25000, warmup_steps=100, final_ratio=0.01)
+    lr = schedule(3e-5)
+
+    def iter_exponential(n):  # src/util/lr_scheduler.py of GenPercept / Marigold, restated
+        if n < 100:
+            return n / 100
+        if n >= 25000:
+            return 0.01
+        return np.exp((n - 100) / (25000 - 100) * np.log(0.01))
+
+    for n in (0, 1, 50, 99, 100, 101, 5000, 24999, 25000, 29999):
+        assert float(lr(n)) == pytest.approx(3e-5 * iter_exponential(n), rel=1e-5, abs=1e-12), n
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """Two micro-batches through `make_optimizer(accumulate_steps=2)` and `apply_gradients` give the update of one
+    step on the whole batch (the loss is a per-example mean)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 5)).astype(np.float32), rng.standard_normal((8, 3)).astype(np.float32)
+    params = {"head": {"w": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)}}
+    loss = lambda p, xs, ys: jnp.mean((xs @ p["head"]["w"] - ys) ** 2)
+
+    def train(tx, batches):
+        state = TrainState.create(params, {}, tx, jax.random.key(0))
+        for xs, ys in batches:
+            value, grads = jax.value_and_grad(loss)(state.params, xs, ys)
+            state, _ = apply_gradients(state, tx, value, grads, {})
+        return state.params["head"]["w"]
+
+    schedule = LRSchedule("exponential", total_steps=10, warmup_steps=0)
+    big = train(make_optimizer("adam", 1e-2, schedule=schedule), [(x, y)] * 3)
+    micro = train(make_optimizer("adam", 1e-2, schedule=schedule, accumulate_steps=2),
+                  [(x[:4], y[:4]), (x[4:], y[4:])] * 3)
+    np.testing.assert_allclose(micro, big, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(big, params["head"]["w"])
+
+
+def _np_quantile(values, q):
+    return np.quantile(values, q)  # linear interpolation, as torch.quantile
+
+
+@pytest.mark.parametrize("space", ["depth", "disparity"])
+def test_relative_depth_target_is_genpercepts_normalisation(space):
+    rng = np.random.default_rng(4)
+    depth = rng.uniform(0.5, 8.0, (2, 12, 16)).astype(np.float32)
+    depth[0, :3] = 0.0  # invalid rows
+    valid = depth > 0
+    got = np.asarray(normalise_depth(jnp.asarray(depth), jnp.asarray(valid), space=space))
+    for b in range(2):
+        d, m = depth[b].astype(np.float64), valid[b]
+        lo, hi = _np_quantile(d[m], 0.02), _np_quantile(d[m], 0.98)
+        if space == "depth":
+            want = np.clip((d - lo) / (hi - lo) * 2 - 1, -1, 1)
+        else:  # src/util/depth_transform.py ScaleShiftDisparityNormalizer, restated
+            disp = (1 / np.where(m, d, 1) - 1 / hi) / (1 / lo - 1 / hi)
+            disp[~m] = disp[m].min()
+            want = (disp - disp.min()) / (disp.max() - disp.min()) * 2 - 1
+            want[~m] = -1
+            want = np.clip(want, -1, 1)
+        np.testing.assert_allclose(got[b][m], want[m], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(np.asarray(normalise_depth(jnp.zeros((1, 4, 4)), jnp.zeros((1, 4, 4), bool)))).all()
+
+
+def test_recipe_configs_carry_genpercepts_values():
+    for c in (genpercept_depth.get_config(), genpercept_normals.get_config()):
+        assert c.model.features == "one_step" and c.model.train_unet and c.model.unet_lr_mult == 1.0
+        assert dict(c.model.scheduler_overrides) == GENPERCEPT
+        assert c.model.num_steps == 1 and c.model.prompt == ""
+        assert (c.train.optimizer, c.train.lr, c.train.schedule) == ("adam", 3e-5, "exponential")
+        assert (c.train.total_steps, c.train.warmup_steps, c.train.final_ratio) == (25000, 100, 0.01)
+        assert c.train.batch_size * c.train.accumulate_steps == 32 and c.warmup.steps == 30000
+        assert c.data.augment.hflip
+    depth, normals = genpercept_depth.get_config(), genpercept_normals.get_config()
+    assert (depth.task.name, depth.task.space, depth.task.quantile, tuple(depth.task.loss_weights)) == (
+        "relative_depth", "depth", 0.02, (1.0, 0.5, 2.0))
+    assert depth.train.batch_size == 8 and tuple(depth.data.image_size) == (480, 640)
+    assert (depth.task.min_depth, depth.task.max_depth, depth.task.eigen_crop) == (1e-3, 10.0, True)
+    assert (normals.task.name, normals.task.loss, normals.task.head.type) == ("normals", "angular", "one_step")
+    assert normals.train.batch_size == 4 and tuple(normals.data.image_size) == (768, 768)
+
+
+# ---------------------------------------------------------------------------------------------- a micro fine-tune
+
+
+def micro_config(sd_path):
+    c = demo_genpercept.get_config()
+    c.sd_path = str(sd_path)
+    c.stages = ("warmup", "evaluate")
+    c.data.scenes.num_train, c.data.scenes.num_test, c.data.scenes.size = 8, 4, (64, 64)
+    c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 4, 1, 2
+    c.train.accumulate_steps, c.train.warmup_steps = 1, 1
+    c.warmup.epochs = 2  # 4 steps
+    c.evaluate.batch_size = 4
+    return c
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    text = {**TINY_TEXT_ENCODER, "hidden_size": tiny_pipeline.UNET["cross_attention_dim"], "intermediate_size": 32}
+    return write_random_sd(tmp_path_factory.mktemp("sd"), unet=tiny_pipeline.UNET, vae=tiny_pipeline.VAE,
+                           text_encoder=text)
+
+
+@pytest.fixture(scope="module")
+def finished(sd_path, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("genpercept")
+    runner.run(micro_config(sd_path), workdir)
+    return workdir
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_micro_fine_tune_trains_the_unet_and_evaluates_aligned(finished, sd_path):
+    logged = [json.loads(x) for x in (finished / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in logged if x.get("stage") == "warmup"]
+    assert len(losses) == 4 and np.all(np.isfinite(losses))
+    metrics = json.loads((finished / "metrics.json").read_text())
+    for key in ("abs_rel", "delta1", "rmse"):
+        assert np.isfinite(metrics["theta_W"][key]) and np.isfinite(metrics["untrained"][key]), key
+    assert 0.0 <= metrics["theta_W"]["delta1"] <= 1.0
+    params, _ = runner.Run(micro_config(sd_path), finished).load_model("warmup")
+    assert set(params) == {"head", "unet"}  # the UNet is part of the saved model: it was fine-tuned
+    untouched = runner.Run(micro_config(sd_path), finished).frozen["unet"]
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params["unet"]), jax.tree.leaves(untouched),
+                                                        strict=True))
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_interrupted_fine_tune_resumes_to_the_same_weights(finished, sd_path, tmp_path, monkeypatch):
+    save = checkpoint.Checkpointer.save
+    killed = []
+
+    def save_then_die(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if step == 2 and not killed:
+            killed.append(step)
+            raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(micro_config(sd_path), tmp_path)
+    runner.run(micro_config(sd_path), tmp_path)
+    assert killed == [2]
+    want, _ = runner.Run(micro_config(sd_path), finished).load_model("warmup")
+    got, _ = runner.Run(micro_config(sd_path), tmp_path).load_model("warmup")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
