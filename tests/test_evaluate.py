@@ -84,7 +84,8 @@ def fake_run(tmp_path, task, examples, inference):
     config.evaluate.stride = (11, 11)
     return SimpleNamespace(
         config=config, task=task, workdir=tmp_path, mesh=make_mesh(), frozen={},
-        source=lambda split, native_size: examples, perceiver=None, shard=lambda tree: tree,
+        source=lambda split, native_size, evaluation=False: examples, perceiver=None, shard=lambda tree: tree,
+        data_config=lambda evaluation=False: config.data,
         init_model=lambda: (jnp.float32(1.5), {}), model_dir=lambda stage: tmp_path / "absent",
         contexts=lambda captions: np.zeros((len(captions), 2, 4), np.float32),
         writer=MetricWriter(tmp_path),
