@@ -344,3 +344,16 @@ def make_depth_source(
         check_exists=on_bad_file == "raise",
         split=split,
     )
+
+
+def plugin_source(fmt: DepthFormat) -> Callable[..., DepthList]:
+    """The data plug-in entry point `make_source(config, split, *, size, label_keys, workdir, seed)` of a dataset
+    read in `fmt` (each reader module sets `make_source = plugin_source(FORMAT)`)."""
+
+    def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
+                    label_keys: Sequence[str], workdir: Path, seed: int = 0) -> DepthList:
+        del workdir, seed
+        return make_depth_source(config, split, size=size, label_keys=label_keys, fmt=fmt)
+
+    make_source.__doc__ = f"`config.data.name = {fmt.name!r}` (keys: `make_depth_source`)."
+    return make_source

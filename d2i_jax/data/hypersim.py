@@ -17,18 +17,13 @@ Facts, from prs-eth/Marigold:
 - `config/dataset_depth/dataset_train.yaml`: training resizes Hypersim to 480 x 640 (`resize_to_hw`, torchvision
   NEAREST_EXACT for every raster, the RGB too; here the image is resized bilinearly, depth nearest).
 
-Config keys (`d2i_jax.data.depth_files.make_depth_source`): `root`, `list_dir`, `splits`, `depth_range`
+Config keys (`d2i_jax.data.depth_files.plugin_source`): `root`, `list_dir`, `splits`, `depth_range`
 ((1e-5, 65)), `eval_crop` ("none" only), `resize`, `fallback_caption`, `on_bad_file`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
-import ml_collections
-
-from d2i_jax.data.depth_files import DepthFormat, DepthList, Split, make_depth_source
+from d2i_jax.data.depth_files import DepthFormat, Split, plugin_source
 
 FORMAT = DepthFormat(
     name="hypersim",
@@ -42,15 +37,4 @@ FORMAT = DepthFormat(
 )
 
 
-def make_source(
-    config: ml_collections.ConfigDict,
-    split: str,
-    *,
-    size: tuple[int, int] | None,
-    label_keys: Sequence[str],
-    workdir: Path,
-    seed: int = 0,
-) -> DepthList:
-    """`config.data.name = "hypersim"`: Marigold's preprocessed Hypersim (keys: the module docstring)."""
-    del workdir, seed
-    return make_depth_source(config, split, size=size, label_keys=label_keys, fmt=FORMAT)
+make_source = plugin_source(FORMAT)

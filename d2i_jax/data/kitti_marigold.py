@@ -14,19 +14,14 @@ Facts, from prs-eth/Marigold:
   / `kitti/kitti_sampled_val_800.tar`, `kitti_bm_crop: true`, `valid_mask_crop: eigen`. GenPercept's
   `config/dataset/eval/data_kitti_eigen_test.yaml` names the extracted folder `kitti/`.
 
-Config keys (`d2i_jax.data.depth_files.make_depth_source`): `root`, `list_dir`, `splits`, `depth_range`
+Config keys (`d2i_jax.data.depth_files.plugin_source`): `root`, `list_dir`, `splits`, `depth_range`
 ((1e-5, 80)), `eval_crop` ("eigen" by default, "garg", "none"), `kb_crop` (True), `resize`, `fallback_caption`,
 `on_bad_file`. The focal lengths are kept on the source's `records`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
-import ml_collections
-
-from d2i_jax.data.depth_files import KITTI_CROPS, DepthFormat, DepthList, Split, make_depth_source
+from d2i_jax.data.depth_files import KITTI_CROPS, DepthFormat, Split, plugin_source
 
 FORMAT = DepthFormat(
     name="kitti_marigold",
@@ -43,15 +38,4 @@ FORMAT = DepthFormat(
 )
 
 
-def make_source(
-    config: ml_collections.ConfigDict,
-    split: str,
-    *,
-    size: tuple[int, int] | None,
-    label_keys: Sequence[str],
-    workdir: Path,
-    seed: int = 0,
-) -> DepthList:
-    """`config.data.name = "kitti_marigold"`: KITTI as Marigold evaluates it (keys: the module docstring)."""
-    del workdir, seed
-    return make_depth_source(config, split, size=size, label_keys=label_keys, fmt=FORMAT)
+make_source = plugin_source(FORMAT)

@@ -11,19 +11,14 @@ Facts, from prs-eth/Marigold:
   `eigen_valid_mask: true` for both. GenPercept's `config/dataset/eval/data_nyu_test.yaml` names the extracted folder
   `nyuv2/` and the list `data_split/nyu/labeled/filename_list_test.txt` (same lines).
 
-Config keys (`d2i_jax.data.depth_files.make_depth_source`): `root`, `list_dir`, `splits`, `depth_range`
+Config keys (`d2i_jax.data.depth_files.plugin_source`): `root`, `list_dir`, `splits`, `depth_range`
 ((1e-3, 10)), `eval_crop` ("eigen" by default, or "none"), `filled_depth` (False: the raw depth), `resize`,
 `fallback_caption`, `on_bad_file`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
-import ml_collections
-
-from d2i_jax.data.depth_files import DepthFormat, DepthList, Split, make_depth_source
+from d2i_jax.data.depth_files import DepthFormat, Split, plugin_source
 from d2i_jax.metrics.depth import eigen_crop
 
 FORMAT = DepthFormat(
@@ -39,15 +34,4 @@ FORMAT = DepthFormat(
 )
 
 
-def make_source(
-    config: ml_collections.ConfigDict,
-    split: str,
-    *,
-    size: tuple[int, int] | None,
-    label_keys: Sequence[str],
-    workdir: Path,
-    seed: int = 0,
-) -> DepthList:
-    """`config.data.name = "nyu_marigold"`: NYUv2 as Marigold evaluates it (keys: the module docstring)."""
-    del workdir, seed
-    return make_depth_source(config, split, size=size, label_keys=label_keys, fmt=FORMAT)
+make_source = plugin_source(FORMAT)

@@ -10,18 +10,13 @@ Facts, from prs-eth/Marigold:
   "rgb/Scene02/clone/frames/rgb/Camera_0/rgb_00000.jpg depth/Scene02/clone/frames/depth/Camera_0/depth_00000.png");
   `kitti_bm_crop: true` for both; `valid_mask_crop` null for train, "eigen" for val.
 
-Config keys (`d2i_jax.data.depth_files.make_depth_source`): `root`, `list_dir`, `splits`, `depth_range`
+Config keys (`d2i_jax.data.depth_files.plugin_source`): `root`, `list_dir`, `splits`, `depth_range`
 ((1e-5, 80)), `eval_crop` ("none", "garg", "eigen"), `kb_crop` (True), `resize`, `fallback_caption`, `on_bad_file`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
-import ml_collections
-
-from d2i_jax.data.depth_files import KITTI_CROPS, DepthFormat, DepthList, Split, make_depth_source
+from d2i_jax.data.depth_files import KITTI_CROPS, DepthFormat, Split, plugin_source
 
 FORMAT = DepthFormat(
     name="vkitti",
@@ -38,15 +33,4 @@ FORMAT = DepthFormat(
 )
 
 
-def make_source(
-    config: ml_collections.ConfigDict,
-    split: str,
-    *,
-    size: tuple[int, int] | None,
-    label_keys: Sequence[str],
-    workdir: Path,
-    seed: int = 0,
-) -> DepthList:
-    """`config.data.name = "vkitti"`: Virtual KITTI 2 as Marigold reads it (keys: the module docstring)."""
-    del workdir, seed
-    return make_depth_source(config, split, size=size, label_keys=label_keys, fmt=FORMAT)
+make_source = plugin_source(FORMAT)
