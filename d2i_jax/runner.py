@@ -237,14 +237,26 @@ class Run:
             raise ValueError(f"{directory} does not fit config.fusion / config.task.head{hint}\n{e}") from e
         return tree["params"], tree["batch_stats"]
 
+    @functools.lru_cache(maxsize=1)  # noqa: B019 - one Run per process; several stages restore models
     def model_template(self) -> dict[str, Any]:
-        """`{"params", "batch_stats"}` of the configured model as shapes (nothing compiled or computed)."""
+        """`{"params", "batch_stats"}` of the configured model as shapes (nothing compiled or computed; traced once
+        per run)."""
         params, batch_stats = self.perceiver.init_shapes(*self._init_args())
         return {"params": params, "batch_stats": batch_stats}
 
     def init_model(self) -> tuple[Any, Any]:
-        """Untrained (params, batch_stats) for `config.data.image_size` inputs."""
-        return self.perceiver.init(jax.random.key(self.config.seed), *self._init_args())
+        """Untrained (params, batch_stats) for `config.data.image_size` inputs, drawn once per run (warm-up starts
+        from them, evaluation measures them): host arrays, with the SD UNet when it is trained."""
+        params, batch_stats = self._initial_head
+        if self.perceiver.train_unet:
+            params = {**params, "unet": self.frozen["unet"]}
+        return params, batch_stats
+
+    @functools.cached_property
+    def _initial_head(self) -> tuple[Any, Any]:
+        params, batch_stats = self.perceiver.init(jax.random.key(self.config.seed), *self._init_args())
+        params.pop("unet", None)  # the SD UNet, put back by `init_model`: not copied to the host
+        return jax.device_get((params, batch_stats))
 
     def _init_args(self) -> tuple[Any, tuple[int, int], jax.Array]:
         return self.frozen, tuple(self.config.data.image_size), jnp.asarray(self.contexts([""]))
