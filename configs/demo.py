@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.self_improve.ema_every_samples = 16
     c.generate.guidance_scale = 1.0
     c.generate.num_samples = 2
+    c.generate.num_steps = 20  # pictures only (the `create` stage keeps the public code's 50)
     c.features.image_size = (64, 64)
     c.prior.pool_size = 2000
     c.prior.vae.epochs = 3  # 375 steps

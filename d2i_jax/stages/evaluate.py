@@ -65,12 +65,14 @@ def format_table(results: dict[str, dict[str, Any]], columns: tuple[tuple[str, s
 def run(r: Run) -> None:
     cfg = r.config.evaluate
     task = r.task
-    source = r.source(r.data_config(evaluation=True).test_split, native_size=True, evaluation=True)
+    data = r.data_config(evaluation=True)  # `config.data` with `config.evaluate.data`'s overrides
+    source = r.source(data.test_split, native_size=True, evaluation=True)
     if cfg.protocol not in EVAL_PROTOCOLS:
         raise ValueError(f"config.evaluate.protocol must be one of {EVAL_PROTOCOLS}, got {cfg.protocol!r}")
     if cfg.inference not in INFERENCE_MODES:
         raise ValueError(f"config.evaluate.inference must be one of {INFERENCE_MODES}, got {cfg.inference!r}")
-    infer = (_whole if cfg.inference == "whole" else _slide)(r, Steps(r.perceiver, task, None))
+    infer = (_whole if cfg.inference == "whole" else _slide)(r, Steps(r.perceiver, task, None),
+                                                                tuple(data.image_size))
 
     models = r.shard(_models(r))
     accs = {name: task.new_metrics(cfg.protocol) for name in models}
@@ -110,11 +112,11 @@ def run(r: Run) -> None:
 Infer = Callable[[Any, list[dict[str, Any]]], list[tuple[list, dict, list]]]
 
 
-def _whole(r: Run, steps: Steps) -> Infer:
+def _whole(r: Run, steps: Steps, size: tuple[int, int]) -> Infer:
     """"whole" inference: each image size a batch, resized to the model's input and the prediction back (jitted
     once per native size)."""
     cfg, task = r.config.evaluate, r.task
-    size, protocol = tuple(r.data_config(evaluation=True).image_size), cfg.protocol
+    protocol = cfg.protocol
 
     @jax.jit
     def predict(models, frozen, rng, batch):
@@ -137,7 +139,7 @@ def _whole(r: Run, steps: Steps) -> Infer:
     return infer
 
 
-def _slide(r: Run, steps: Steps) -> Infer:
+def _slide(r: Run, steps: Steps, size: tuple[int, int]) -> Infer:
     """"slide" inference (`d2i_jax.training.slide`): windows of every image of a loader batch predicted
     `evaluate.batch_size` at a time by one compiled function, stitched and resized on the host. Each image is then
     scored as one row of pixels (`pixel_row`), finished by the task's `resize_prediction` at that same size: an
@@ -161,7 +163,7 @@ def _slide(r: Run, steps: Steps) -> Infer:
                                 rows=cfg.batch_size)
 
         native = slide_inference(windows, [e[keys.IMAGE] for e in examples], scale=tuple(cfg.scale),
-                                 crop=tuple(r.data_config(evaluation=True).image_size), stride=tuple(cfg.stride),
+                                 crop=size, stride=tuple(cfg.stride),
                                  rows=cfg.batch_size)
         scored = []
         for k, e in enumerate(examples):
