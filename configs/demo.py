@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = nyu.get_config()
     c.sd_path = ""  # the prior stage's SD (trained here first)
     c.stages = ("prior", "warmup", "create", "self_improve", "evaluate", "generate")
+    c.random_sd.unet_layers_per_block = 1  # the prior's UNet: SD1.5's blocks, one layer each (2 compiles and steps
+    # at twice the cost; the prior's figures are the same, see docs/demo.md)
     c.data.name = "scenes"  # procedural rooms rendered into the workdir in the NYUv2 layout
     c.data.image_size = (64, 64)
     c.data.scenes.num_train = 48

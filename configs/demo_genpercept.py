@@ -5,8 +5,7 @@ the procedural rooms, evaluated with the least-squares-aligned protocol (CPU, mi
 
 The `prior` stage trains the demo's SD-shaped prior first (as `configs/demo.py`; `--config.sd_path=/tmp/d2i_demo/
 prior/sd` reuses a finished one and skips it); `warmup` is the one-step fine-tune (`configs/genpercept_depth.py`'s
-model and loss at demo scale); normals: `--config.task.name=normals --config.task.loss=angular`
-(`set_one_step_normals`, see `get_normals_config`).
+model and loss at demo scale). One-step normals: `configs/genpercept_normals.py` (the recipe at full scale).
 """
 
 import ml_collections

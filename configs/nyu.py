@@ -168,6 +168,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.generate.source = "noise"
     c.generate.seed = 0
 
+    c.random_sd = ml_collections.ConfigDict()  # the tiny random-weight SD written to `workdir/random_sd` (when
+    # `sd_path` is empty): the `prior` stage's starting point, or the backbone itself without a prior
+    c.random_sd.unet_layers_per_block = 2  # d2i_jax.models.random_sd.TINY_UNET's (SD1.5's); 1 halves compile and step
     c.prior = ml_collections.ConfigDict()  # the `prior` stage (`d2i_jax.stages.prior`), when it is in `stages` and
     # `sd_path` is empty: an SD-shaped model trained from scratch on unlabelled images (the embedded demo's prior)
     c.prior.pool_root = ""  # a folder of img/*.png (+ caption/*.txt) to train on; empty: `pool_size` procedural

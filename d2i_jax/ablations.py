@@ -121,7 +121,8 @@ class Ablations:
         jax.config.update("jax_compilation_cache_dir", str(self.workdir / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         start = time.perf_counter()
-        random_sd = str(write_random_sd(self.workdir / "random_sd", seed=self.config.seed))
+        random_sd = str(write_random_sd(self.workdir / "random_sd", unet=runner.random_sd_unet(self.config),
+                                         seed=self.config.seed))
         priors = {"learned": self.learned_prior(), "random": random_sd}
         size = self.config.data.scenes.num_train
         results: dict[str, Any] = {"variants": {}, "sizes": {}}

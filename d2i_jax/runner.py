@@ -32,7 +32,7 @@ from d2i_jax.metric_writer import MetricWriter
 from d2i_jax.models.class_embeddings import class_embeddings, load_class_embeddings
 from d2i_jax.models.clip import CaptionContexts, embed_prompts
 from d2i_jax.models.loading import StableDiffusion, load_stable_diffusion, restore_params, save_params
-from d2i_jax.models.random_sd import write_random_sd
+from d2i_jax.models.random_sd import TINY_UNET, write_random_sd
 from d2i_jax.models.unet import UNet2DConditionModel
 from d2i_jax.models.vae import AutoencoderKL
 from d2i_jax.perception.backbone import Backbone
@@ -108,7 +108,8 @@ class Run:
         """A tiny random-weight SD (`d2i_jax.models.random_sd`, seeded by `config.seed`) in `workdir/random_sd`,
         written on first use: the `prior` stage's initialisation, and the backbone when there is no prior."""
         path = self.workdir / "random_sd"
-        process_zero_writes("random SD", lambda: write_random_sd(path, seed=self.config.seed))
+        process_zero_writes("random SD", lambda: write_random_sd(path, unet=random_sd_unet(self.config),
+                                                                 seed=self.config.seed))
         return path
 
     @property
@@ -332,6 +333,11 @@ class Run:
                    checkpoint_dir=self.stage_dir(stage) / "checkpoints", writer=self.writer,
                    options=FitOptions.from_config(self.config), epochs=epochs, shuffle=shuffle,
                    random_map=self.augmentation(), max_steps=max_steps)
+
+
+def random_sd_unet(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The tiny random-weight SD's UNet config: `TINY_UNET` with `config.random_sd`'s settings."""
+    return {**TINY_UNET, "layers_per_block": config.random_sd.unet_layers_per_block}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:

@@ -13,15 +13,18 @@ import pytest
 
 from configs import demo_genpercept, genpercept_depth, genpercept_normals
 from d2i_jax import runner
+from d2i_jax.data import keys
 from d2i_jax.diffusion.sampling import ddim_sample, predict_x0
 from d2i_jax.diffusion.schedule import NoiseSchedule, ddim_timesteps, q_sample, velocity
 from d2i_jax.models.loading import build_module
 from d2i_jax.models.random_sd import TINY_TEXT_ENCODER, random_params, write_random_sd
 from d2i_jax.perception.one_step import OneStepBackbone
+from d2i_jax.predict import Predictor
+from d2i_jax.stages import evaluate
 from d2i_jax.tasks.relative_depth import normalise_depth
 from d2i_jax.training import checkpoint
 from d2i_jax.training.state import TrainState
-from d2i_jax.training.steps import LRSchedule, apply_gradients, make_optimizer
+from d2i_jax.training.steps import LRSchedule, Steps, apply_gradients, make_optimizer
 from tests import tiny_pipeline
 
 GENPERCEPT = {"beta_start": 1.0, "beta_end": 1.0, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}
@@ -243,3 +246,22 @@ def test_interrupted_fine_tune_resumes_to_the_same_weights(finished, sd_path, tm
     got, _ = runner.Run(micro_config(sd_path), tmp_path).load_model("warmup")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_predict_on_a_one_step_model_equals_the_evaluate_stages_path(finished):
+    """`d2i_jax.predict` on the fine-tuned one-step model (theta_W: the run has no self-improving stage) against the
+    evaluate stage's "whole" inference with the "exact" protocol, on a 48 x 80 image stretched to the run's 64 x 64
+    (tolerance 1e-4: PIL's float resizes against jax's, a vmapped batch against a plain one)."""
+    predictor = Predictor.load(finished, resize="stretch")
+    r = predictor.run
+    r.config.evaluate.protocol, r.config.evaluate.batch_size = "exact", 1
+    image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), np.uint8)
+    example = {keys.IMAGE: image.astype(np.float32) / 127.5 - 1, keys.CAPTION: "",
+               **{k: np.zeros((48, 80), np.float32) for k in r.task.label_keys}}
+    infer = evaluate._whole(r, Steps(r.perceiver, r.task, None), tuple(r.config.data.image_size))
+    [(_, want, _)] = infer(predictor.models, [example])
+    got = predictor([image])[0]
+    assert got.shape == want["model"][0].shape and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want["model"][0], rtol=1e-4, atol=1e-4)
+    assert np.std(got) > 0  # a depth map, not a constant

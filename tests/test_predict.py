@@ -152,7 +152,7 @@ def test_prediction_equals_the_evaluate_stages_path(predictor, monkeypatch):
     image = photo(48, 80, seed=3)
     example = {keys.IMAGE: image.astype(np.float32) / 127.5 - 1, keys.CAPTION: "",
                keys.NORMAL: np.zeros((48, 80, 3), np.float32), keys.MASK: np.zeros((48, 80), bool)}
-    infer = evaluate._whole(r, Steps(r.perceiver, r.task, None))
+    infer = evaluate._whole(r, Steps(r.perceiver, r.task, None), tuple(r.config.data.image_size))
     [(_, want, _)] = infer(predictor.models, [example])
     want = want["model"][0]
     monkeypatch.setattr(predictor, "resize", "stretch")
