@@ -108,8 +108,12 @@ class Run:
         """A tiny random-weight SD (`d2i_jax.models.random_sd`, seeded by `config.seed`) in `workdir/random_sd`,
         written on first use: the `prior` stage's initialisation, and the backbone when there is no prior."""
         path = self.workdir / "random_sd"
-        process_zero_writes("random SD", lambda: write_random_sd(path, unet=random_sd_unet(self.config),
-                                                                 seed=self.config.seed))
+        unet = random_sd_unet(self.config)
+        process_zero_writes("random SD", lambda: write_random_sd(path, unet=unet, seed=self.config.seed))
+        written = json.loads((path / "unet" / "config.json").read_text())["layers_per_block"]
+        if written != unet["layers_per_block"]:
+            print(f"[random SD] {path} was written with unet layers_per_block={written}: it is kept (as everything "
+                  f"trained from it), config.random_sd.unet_layers_per_block={unet['layers_per_block']} is not used")
         return path
 
     @property

@@ -134,3 +134,14 @@ def test_scaling_factor_is_one_over_the_std_of_sampled_latents():
     moments = np.concatenate([mean, logvar], -1)
     samples = np.asarray(Posterior.from_moments(jnp.asarray(moments)).sample(jax.random.key(0)), np.float64)
     assert latent_scaling_factor(moments) == pytest.approx(1 / samples.std(), rel=0.02)
+
+
+def test_random_sd_follows_the_config_and_a_written_one_is_kept(tmp_path, capsys):
+    config = micro_config()
+    config.random_sd.unet_layers_per_block = 1
+    path = runner.Run(config, tmp_path).random_sd_path()
+    assert json.loads((path / "unet" / "config.json").read_text())["layers_per_block"] == 1
+    config.random_sd.unet_layers_per_block = 2  # the workdir's random SD (and all trained from it) stays, with a note
+    assert runner.Run(config, tmp_path).random_sd_path() == path
+    assert json.loads((path / "unet" / "config.json").read_text())["layers_per_block"] == 1
+    assert "written with unet layers_per_block=1" in capsys.readouterr().out
