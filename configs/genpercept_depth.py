@@ -5,8 +5,9 @@ RGB latent to the (affine-invariant) depth latent, read out by the frozen VAE de
         --config.sd_path=/data/stable-diffusion-2-1 --config.data.root=/data/hypersim \
         --config.evaluate.data.root=/data/nyuv2
 
-The `warmup` stage is the fine-tune (its model is the GenPercept model); add "create", "self_improve" for Diff-2-in-1
-on top of it (`configs/genpercept_diff2in1.py`). Values from aim-uofa/GenPercept cite its files: `paper.yaml` =
+The `warmup` stage is the fine-tune (its model is the GenPercept model). Diff-2-in-1 on top of it is not there yet:
+the `create` stage would sample with the fine-tuned UNet and the beta = 1 schedule, where it needs the frozen SD UNet
+and the checkpoint's own schedule. Values from aim-uofa/GenPercept cite its files: `paper.yaml` =
 `config/main_paper/sd21_train_genpercept_exr_1card_ensure_depth_bs8_per_accu_pixel_mse_ssi_grad_loss.yaml`,
 `trainer.py` = `src/trainer/genpercept_trainer.py`, `scheduler.json` = `hf_configs/scheduler_beta_1.0_1.0/
 scheduler_config.json`, `lr_scheduler.py` = `src/util/lr_scheduler.py`, `depth_transform.py` =

@@ -4,14 +4,16 @@ target, the recipe configs, and a micro fine-tune that resumes bit-exactly after
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo_genpercept, genpercept_depth, genpercept_normals
+from configs import demo_genpercept, genpercept_depth, genpercept_diff2in1, genpercept_normals
 from d2i_jax import runner
 from d2i_jax.data import keys
 from d2i_jax.diffusion.sampling import ddim_sample, predict_x0
@@ -20,7 +22,7 @@ from d2i_jax.models.loading import build_module
 from d2i_jax.models.random_sd import TINY_TEXT_ENCODER, random_params, write_random_sd
 from d2i_jax.perception.one_step import OneStepBackbone
 from d2i_jax.predict import Predictor
-from d2i_jax.stages import evaluate
+from d2i_jax.stages import create, evaluate
 from d2i_jax.tasks.relative_depth import normalise_depth
 from d2i_jax.training import checkpoint
 from d2i_jax.training.state import TrainState
@@ -265,3 +267,58 @@ def test_predict_on_a_one_step_model_equals_the_evaluate_stages_path(finished):
     assert got.shape == want["model"][0].shape and np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want["model"][0], rtol=1e-4, atol=1e-4)
     assert np.std(got) > 0  # a depth map, not a constant
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_creation_on_a_one_step_model_samples_with_the_frozen_sd(finished, sd_path):
+    """Diff-2-in-1 on the one-step model: creation denoises with the frozen SD UNet and the checkpoint's schedule
+    (the created RGB does not depend on the fine-tuned UNet; the labels do), labels through the one-step pass."""
+    config = micro_config(sd_path)
+    genpercept_diff2in1.set_self_improving(config)
+    r = runner.Run(config, finished)
+    generator = create.generator(r, config.create)
+    assert np.all(np.asarray(generator.sampling_schedule.alphas_cumprod) > 0)  # the SD schedule, not beta = 1
+    params, stats = r.shard(r.load_model("warmup"))
+    images = np.stack([r.source("train")[i][keys.IMAGE] for i in range(2)])
+    context = jnp.asarray(r.contexts(["", ""]))
+    rngs = jax.random.split(jax.random.key(0), 2)
+    extra = create.label_inputs(r, config.create, ["", ""])
+
+    def pairs(params, gen=generator):
+        return jax.jit(lambda p: gen(r.frozen, p, stats, context, context[:1], rngs, images=images, **extra))(params)
+
+    rgb, labels = pairs(params)
+    halved = {**params, "unet": jax.tree.map(lambda x: 0.5 * x, params["unet"])}
+    rgb2, labels2 = pairs(halved)
+    np.testing.assert_array_equal(np.asarray(rgb2), np.asarray(rgb))
+    assert np.abs(np.asarray(labels2) - np.asarray(labels)).max() > 1e-3
+    beta_one = dataclasses.replace(generator, schedule=r.perceiver.backbone.schedule)  # every alpha_bar = 0
+    rgb3, _ = pairs(params, beta_one)
+    assert np.abs(np.asarray(rgb3) - np.asarray(rgb)).max() > 1e-2  # the sampler noises with the SD schedule
+    config.create.label_pass = "denoise"
+    with pytest.raises(ValueError, match="label_pass"):
+        create.generator(r, config.create)(r.frozen, params, stats, context, context[:1], rngs, images=images)
+
+
+def test_self_improving_on_genpercept_config():
+    c = genpercept_diff2in1.get_config()
+    assert c.stages == ("warmup", "create", "self_improve", "evaluate")
+    assert c.model.features == "one_step" and c.create.label_pass == c.generate.label_pass == "perception"
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_self_improving_on_a_one_step_model_runs_every_stage(finished, sd_path, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished, workdir)  # theta_W: the micro fine-tune
+    (workdir / "evaluate" / "DONE").unlink()
+    config = micro_config(sd_path)
+    genpercept_diff2in1.set_self_improving(config)
+    config.create.num_steps, config.create.batch_size = 2, 4
+    config.self_improve.epochs, config.self_improve.ema_every_samples = 1, 4
+    r = runner.run(config, workdir)
+    assert len(list((workdir / "create" / "label").glob("*.npy"))) == 8
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert all(np.isfinite(metrics["theta_C"][k]) for k in ("abs_rel", "delta1", "rmse"))
+    theta_w, theta_c = (r.load_model(stage)[0]["unet"] for stage in ("warmup", "self_improve"))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(theta_w), jax.tree.leaves(theta_c),
+                                                        strict=True))  # theta_C followed the trained UNet

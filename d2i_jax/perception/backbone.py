@@ -10,7 +10,7 @@ All functions are pure; the parameters are arguments, so the UNet can be frozen 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,9 @@ class Backbone:
     scale_latents: bool = True
     noise_features: bool = True
     attention_maps: bool = False
+    # Whether the UNet pass denoises (it keeps SD's generative role, so creation samples with the model's UNet);
+    # False where it was fine-tuned into a perception net (`OneStepBackbone`).
+    denoises: ClassVar[bool] = True
 
     def posterior(self, vae_params: Any, images: jax.Array) -> Posterior:
         """`[B, H, W, 3]` images in [-1, 1] -> the VAE posterior over unscaled latents (cacheable per image)."""

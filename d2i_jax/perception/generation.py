@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2i_jax.diffusion.sampling import ddim_sample
-from d2i_jax.diffusion.schedule import ddim_timesteps, q_sample
+from d2i_jax.diffusion.schedule import NoiseSchedule, ddim_timesteps, q_sample
 from d2i_jax.perception.model import Perceiver
 
 
@@ -24,13 +24,18 @@ class PairGenerator:
     """Generates `(rgb in [-1, 1], prediction)` pairs; call it inside `jax.jit`.
 
     Attributes:
-      perceiver: supplies the backbone (VAE, UNet, schedule) and the head.
+      perceiver: supplies the backbone (VAE, UNet, schedule) and the head. A backbone whose UNet denoises
+        (`Backbone.denoises`: Diff-2-in-1, VPD) samples with the model's UNet (theta's when it is trained); one whose
+        UNet was fine-tuned into a perception net (GenPercept's one-step) samples with the frozen SD UNet, and its
+        labels come from the perception pass (`perception_context`).
       task: the task whose prediction labels the image.
       num_steps: DDIM steps.
       start_t: partial noise: noise real latents to this timestep and space the steps below it (600, public code);
         None: start from pure Gaussian noise over the whole schedule.
       guidance_scale: classifier-free guidance (1.0 = off, as the public code).
       eta: DDIM stochasticity (0 = deterministic).
+      schedule: the sampling schedule; None: the backbone's (give the checkpoint's own where the backbone's is
+        another, e.g. GenPercept's beta = 1).
     """
 
     perceiver: Perceiver
@@ -39,10 +44,15 @@ class PairGenerator:
     start_t: int | None = 600
     guidance_scale: float = 1.0
     eta: float = 0.0
+    schedule: NoiseSchedule | None = None
+
+    @property
+    def sampling_schedule(self) -> NoiseSchedule:
+        return self.schedule if self.schedule is not None else self.perceiver.backbone.schedule
 
     @property
     def timesteps(self) -> np.ndarray:
-        schedule = self.perceiver.backbone.schedule
+        schedule = self.sampling_schedule
         return ddim_timesteps(schedule.num_train_timesteps, self.num_steps, start_t=self.start_t,
                               steps_offset=schedule.steps_offset)
 
@@ -72,7 +82,11 @@ class PairGenerator:
             raise ValueError(
                 "the denoising pass's cross-attention maps have one channel per caption token, not per class: with "
                 "model.attention_maps set create.label_pass (and generate.label_pass) to 'perception'")
-        unet_params = head_params["unet"] if self.perceiver.train_unet else frozen["unet"]
+        if not (bb.denoises or relabel):
+            raise ValueError(f"{type(bb).__name__}'s UNet does not denoise: its labels come from the perception pass; "
+                             "set create.label_pass (and generate.label_pass) to 'perception'")
+        unet_params = head_params["unet"] if self.perceiver.train_unet and bb.denoises else frozen["unet"]
+        schedule = self.sampling_schedule
         keys = jax.vmap(lambda k: jax.random.split(k, 3))(rngs)
         if self.start_t is not None:
             if images is None:
@@ -80,7 +94,7 @@ class PairGenerator:
             posterior = bb.posterior(frozen["vae"], images)
             z0 = jax.vmap(bb.latents)(posterior, keys[:, 0])
             noise = jax.vmap(lambda k: jax.random.normal(k, z0.shape[1:], z0.dtype))(keys[:, 1])
-            x_t = q_sample(bb.schedule, z0, noise, jnp.full((z0.shape[0],), self.start_t, jnp.int32))
+            x_t = q_sample(schedule, z0, noise, jnp.full((z0.shape[0],), self.start_t, jnp.int32))
         else:
             x_t = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys[:, 1])
 
@@ -91,7 +105,7 @@ class PairGenerator:
             return out, feats.block_outputs()
 
         z, block_outputs = ddim_sample(
-            denoise, bb.schedule, x_t, self.timesteps, context=context, uncond_context=uncond,
+            denoise, schedule, x_t, self.timesteps, context=context, uncond_context=uncond,
             guidance_scale=self.guidance_scale, eta=self.eta, rng=keys[:, 2], has_aux=True,
         )
         rgb = bb.vae.apply({"params": frozen["vae"]}, z / bb.vae.scaling_factor, method="decode")

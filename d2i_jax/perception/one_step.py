@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -52,6 +52,7 @@ class OneStepBackbone(Backbone):
     """
 
     num_steps: int = 1
+    denoises: ClassVar[bool] = False  # the UNet maps RGB latents to label latents: creation uses the frozen SD's
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_atomically, write_png_atomically
+from d2i_jax.diffusion.schedule import NoiseSchedule
 from d2i_jax.perception.generation import PairGenerator
 from d2i_jax.stages.evaluate import format_table
 from d2i_jax.training.inference import sharded_call
@@ -39,9 +40,12 @@ def generator(r: Run, cfg) -> PairGenerator:
     """The configured pair generator (`cfg`: the `create` or `generate` section)."""
     if cfg.source not in ("partial", "noise"):
         raise ValueError(f"source must be 'partial' or 'noise', got {cfg.source!r}")
+    # a UNet fine-tuned into a perception net (GenPercept) no longer denoises: sample with the frozen SD's UNet and
+    # the checkpoint's own schedule, not the backbone's (beta = 1)
+    schedule = None if r.perceiver.backbone.denoises else NoiseSchedule.from_config(r.sd.scheduler_config)
     return PairGenerator(r.perceiver, r.task, num_steps=cfg.num_steps,
                          start_t=cfg.T if cfg.source == "partial" else None, guidance_scale=cfg.guidance_scale,
-                         eta=cfg.eta)
+                         eta=cfg.eta, schedule=schedule)
 
 
 LABEL_PASSES = ("denoise", "perception")
