@@ -18,4 +18,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.ablations.seeds = (0, 1, 2)
     c.ablations.sizes = (24, 96)  # labelled scenes: theta_W, (a) and (e) again (the demo's 48 is the main table)
     c.ablations.size_seeds = (0, 1, 2)
+    c.ablations.tune = ()  # ((dotted key, values), ...): (e) with each value, one key at a time (demo_tuning.py)
     return c

@@ -93,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.scenes.num_test = 654
     c.data.scenes.size = (480, 640)
     c.data.scenes.seed = 0  # draws the scenes: the same dataset for every training seed
+    c.data.scenes.held_out = "test"  # the test split's scenes; "val": validation scenes apart from them (tuning)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8  # global

@@ -89,19 +89,21 @@ class Ablations:
         c = self.derived(seed, size, sd_path=sd_path, stages=("warmup",))
         return self.run(f"theta_W/{prior}_n{size}_seed{seed}", c)
 
-    def variant(self, v: str, priors: dict[str, str], seed: int, size: int) -> Path:
-        """One variant's run; returns its workdir (its metrics.json holds the figures)."""
-        cfg = self.config
+    def variant(self, v: str, priors: dict[str, str], seed: int, size: int, tag: str = "",
+                **overrides: Any) -> Path:
+        """One variant's run (in `runs/<v>[@tag]/`, with the method's settings `overrides`); returns its workdir
+        (its metrics.json holds the figures)."""
         prior = "random" if v == "f" else "learned"
         init = str(self.theta_w(prior, priors[prior], seed, size) / "warmup")
         stages = ("create", "self_improve", "evaluate")
-        name = f"{v}/n{size}_seed{seed}"
+        name = f"{v}{'@' + tag if tag else ''}/n{size}_seed{seed}"
         if v == "a":
-            extra = cfg.self_improve.epochs * 2  # the self-improving steps: (N real + N synthetic) / batch per epoch
+            si_epochs = overrides.get("self_improve.epochs", self.config.self_improve.epochs)
+            extra = si_epochs * 2  # the self-improving steps: (N real + N synthetic) / batch per epoch
             c = self.derived(seed, size, sd_path=priors[prior], stages=("warmup", "evaluate"),
-                             **{"warmup.epochs": cfg.warmup.epochs + extra})
+                             **{"warmup.epochs": self.config.warmup.epochs + extra})
             return self.run(name, c)
-        overrides: dict[str, Any] = {"sd_path": priors[prior], "init_from": init, "stages": stages}
+        overrides = {"sd_path": priors[prior], "init_from": init, "stages": stages, **overrides}
         if v == "b":
             overrides["create.num_images"] = 0
         elif v == "c":
@@ -116,6 +118,22 @@ class Ablations:
                 link.symlink_to(shared.absolute(), target_is_directory=True)
         return self.run(name, self.derived(seed, size, **overrides))
 
+    def tune(self, priors: dict[str, str]) -> dict[str, Any]:
+        """`config.ablations.tune`: (e) with one method setting changed at a time, next to (a) trained as long;
+        meant for `data.scenes.held_out = "val"` (configs/demo_tuning.py), never the test scenes."""
+        cfg, size = self.config.ablations, self.config.data.scenes.num_train
+        rows: dict[str, dict[str, list[dict[str, float]]]] = {}
+        for key, values in cfg.tune:
+            for value in values:
+                setting = {} if value == _lookup(self.config, key) else {key: value}  # the base: plain (e), (a)
+                tag = f"{key}={value}" if setting else ""
+                rows[f"{key}={value}"] = {"e": [_figures(self.variant("e", priors, s, size, tag, **setting), "e")
+                                   for s in cfg.seeds]}
+                if key == "self_improve.epochs":
+                    rows[f"{key}={value}"]["a"] = [_figures(self.variant("a", priors, s, size, tag, **setting), "a")
+                                      for s in cfg.seeds]
+        return rows
+
     def __call__(self) -> dict[str, Any]:
         cfg = self.config.ablations
         jax.config.update("jax_compilation_cache_dir", str(self.workdir / "jax_cache"))
@@ -125,10 +143,10 @@ class Ablations:
                                          seed=self.config.seed))
         priors = {"learned": self.learned_prior(), "random": random_sd}
         size = self.config.data.scenes.num_train
-        results: dict[str, Any] = {"variants": {}, "sizes": {}}
+        results: dict[str, Any] = {"variants": {}, "sizes": {}, "tuning": self.tune(priors)}
         for v in cfg.variants:
             results["variants"][v] = [_figures(self.variant(v, priors, s, size), v) for s in cfg.seeds]
-        results["theta_W"] = [_figures(self.runs / f"e/n{size}_seed{s}", "theta_W") for s in cfg.seeds]
+        results["theta_W"] = [_figures(self.variant("e", priors, s, size), "theta_W") for s in cfg.seeds]
         for n in cfg.sizes:
             results["sizes"][n] = {v: [_figures(self.variant(v, priors, s, n), v) for s in cfg.size_seeds]
                                    for v in ("a", "e")}
@@ -142,6 +160,12 @@ class Ablations:
         (self.workdir / "ablations.md").write_text(table)
         print(table)
         return results
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
 
 
 def _figures(workdir: Path, variant: str) -> dict[str, float]:
@@ -184,6 +208,12 @@ def report(results: dict[str, Any], config: ml_collections.ConfigDict) -> str:
         for n, by_model in results["sizes"].items():
             lines += [row(f"{n}, warm-up (theta_W)", by_model["theta_W"]), row(f"{n}, (a)", by_model["a"]),
                       row(f"{n}, (e)", by_model["e"])]
+    if results["tuning"]:
+        lines += ["", f"Tuning on the {config.data.scenes.held_out} scenes: (e) with one setting changed from the "
+                  "config's, (a) trained as long where the self-improving length changes:", "",
+                  "| setting, model " + head, rule]
+        for tag, by_model in results["tuning"].items():
+            lines += [row(f"{tag}, ({v})", rows) for v, rows in by_model.items()]
     if results["fidelity"]:
         lines += ["", "Fidelity of the partial-noise creations (theta_W on each synthetic image against its source "
                   "image's ground truth, and on the real images):", "", "| prior, images " + head, rule]

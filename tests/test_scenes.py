@@ -110,3 +110,15 @@ def test_write_nyu_layout(tmp_path):
     a = np.asarray(Image.open(root / "train" / "img" / "000000.png"))
     b = np.asarray(Image.open(root / "test" / "img" / "000000.png"))
     assert not np.array_equal(a, b)
+
+
+def test_validation_scenes_replace_the_test_split_and_are_drawn_apart(tmp_path):
+    val = {scenes.scene_seed(0, "val", i) for i in range(1000)}
+    assert not val & {scenes.scene_seed(0, split, i) for split in ("train", "test", "pool") for i in range(1000)}
+    root = scenes.write_nyu_layout(tmp_path / "nyu", num_train=1, num_test=2, size=(24, 32), seed=1, held_out="val")
+    for split, drawn_from, i in (("test", "val", 1), ("train", "train", 0)):  # the labelled scenes are the usual
+        with Image.open(root / split / "img" / f"{i:06d}.png") as im:
+            want = scenes.render_scene(scenes.scene_seed(1, drawn_from, i), (24, 32)).image
+            np.testing.assert_array_equal(np.asarray(im), want)
+    with pytest.raises(ValueError, match="held_out='pool'"):
+        scenes.write_nyu_layout(tmp_path / "bad", 1, 1, (24, 32), held_out="pool")

@@ -484,7 +484,8 @@ def scene_seed(seed: int, split: str, index: int) -> int:
     return int(np.random.SeedSequence([seed, SPLIT_CODES.get(split, 2), index]).generate_state(1)[0])
 
 
-SPLIT_CODES = {"train": 0, "test": 1, "pool": 3}  # `scene_seed`: the unlabelled pool never draws a labelled scene
+SPLIT_CODES = {"train": 0, "test": 1, "pool": 3, "val": 4}  # `scene_seed`: the unlabelled pool never draws a
+# labelled scene; "val" draws held-out scenes apart from the test ones (for tuning)
 
 
 def write_image_pool(root: str | Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
@@ -505,13 +506,15 @@ def write_image_pool(root: str | Path, count: int, size: tuple[int, int], seed: 
 
 
 def write_nyu_layout(
-    root: str | Path, num_train: int, num_test: int, size: tuple[int, int] = (480, 640), seed: int = 0
+    root: str | Path, num_train: int, num_test: int, size: tuple[int, int] = (480, 640), seed: int = 0,
+    held_out: str = "test",
 ) -> Path:
     """Render a synthetic dataset in the public Bae / Diff-2-in-1 NYUv2 normal layout, plus depth and semantics.
 
     Writes `root/{train,test}/{img,norm,semseg}/NNNNNN.png`, `caption/NNNNNN.txt`, `depth/NNNNNN.npy` (float32
     metres) and the split files `root/{train,test}.txt` ("train/img/000000.png train/norm/000000.png" per line,
-    no trailing newline). Example i of a split is `render_scene(scene_seed(seed, split, i), size)`.
+    no trailing newline). Example i of a split is `render_scene(scene_seed(seed, split, i), size)`, where the test
+    folder's split is `held_out`: "test", or "val" for validation scenes disjoint from the test ones.
 
     Args:
       root: output folder, created if needed.
@@ -519,17 +522,21 @@ def write_nyu_layout(
       num_test: number of test examples.
       size: (H, W) of every image.
       seed: dataset seed; the same seed gives the same files.
+      held_out: the split the test folder's scenes are drawn from ("test" or "val").
 
     Returns:
       `root` as a Path.
     """
     root = Path(root)
+    if held_out not in ("test", "val"):
+        raise ValueError(f"held_out={held_out!r}: the held-out scenes are drawn from 'test' or 'val'")
     for split, count in (("train", num_train), ("test", num_test)):
         for sub in ("img", "norm", "caption", "depth", "semseg"):
             (root / split / sub).mkdir(parents=True, exist_ok=True)
         lines = []
-        for i in tqdm(range(count), desc=f"rendering {split}", unit="scene", leave=False):
-            r = render_scene(scene_seed(seed, split, i), size)
+        drawn_from = held_out if split == "test" else split
+        for i in tqdm(range(count), desc=f"rendering {drawn_from}", unit="scene", leave=False):
+            r = render_scene(scene_seed(seed, drawn_from, i), size)
             name = f"{i:06d}"
             Image.fromarray(r.image).save(root / split / "img" / f"{name}.png")
             Image.fromarray(encode_normals(r.normal, r.mask)).save(root / split / "norm" / f"{name}.png")
@@ -557,13 +564,16 @@ def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[in
                 label_keys: Sequence[str], workdir: Path, seed: int = 0) -> SceneSource:
     """`config.data.name = "scenes"`: procedural rooms (`config.scenes`: counts and size) rendered once into
     `<workdir>/scenes` in the NYUv2 layout (normals, depth, semantics), then read like NYUv2. `config.scenes.seed`
-    draws the scenes (the run's `seed` when it is absent), so runs of different training seeds share one dataset."""
+    draws the scenes (the run's `seed` when it is absent), so runs of different training seeds share one dataset.
+    `config.scenes.held_out = "val"` puts validation scenes, disjoint from the test ones, in the test split (written
+    to `<workdir>/scenes_val`): what the method's settings are tuned on."""
     cfg = config.scenes
     seed = cfg.get("seed", seed)
-    root = Path(workdir) / "scenes"
+    held_out = cfg.get("held_out", "test")
+    root = Path(workdir) / ("scenes" if held_out == "test" else f"scenes_{held_out}")
     if not (root / "test.txt").exists():  # written last
-        print(f"rendering {cfg.num_train} + {cfg.num_test} procedural scenes into {root}")
+        print(f"rendering {cfg.num_train} + {cfg.num_test} ({held_out}) procedural scenes into {root}")
     process_zero_writes("scenes", lambda: (root / "test.txt").exists() or write_nyu_layout(
-        root, cfg.num_train, cfg.num_test, tuple(cfg.size), seed))
+        root, cfg.num_train, cfg.num_test, tuple(cfg.size), seed, held_out))
     return SceneSource(root, split, size=size, resize=config.resize, fallback_caption=config.fallback_caption,
                        extra_keys=[k for k in label_keys if k in EXTRA_KEYS])
