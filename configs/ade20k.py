@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.class_embeddings_file = ""  # VPD ships segmentation/class_embeddings.pth [150, 768] (give it here to use
     # it); empty: recomputed from SD's text encoder with VPD's recipe (depth/dump_nyu_text_embeddings.py)
     c.model.context_adapter = True  # vpd/models.py TextAdapter, gamma_init_value=1e-4 (vpd_seg)
-    c.model.train_unet = True  # fpn_vpd: the UNet is optimised (paramwise_cfg unet lr_mult 0.1)
+    c.model.unet_tuning = "full"  # fpn_vpd: the UNet is optimised (paramwise_cfg unet lr_mult 0.1)
     c.model.unet_lr_mult = 0.1  # fpn_vpd custom_keys 'unet'; deviation: VPD's 'norm' key gives the UNet params named
     # *norm* lr x1 and no weight decay, here all UNet params get x0.1 and the decay (`make_optimizer`)
     c.model.dtype = "auto"  # VPD trains in fp32; bfloat16 on accelerators here

@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
 def set_one_step_model(c: ml_collections.ConfigDict) -> None:
     """GenPercept's model: the one-step path over the whole UNet, beta = 1 schedule, v-prediction, empty prompt."""
     c.model.features = "one_step"  # trainer.py: model_pred = -unet(rgb_latent, t, empty) -> VAE decoder
-    c.model.train_unet = True  # the whole UNet (paper.yaml: no LoRA, no frozen parts)
+    c.model.unet_tuning = "full"  # the whole UNet (paper.yaml: no LoRA, no frozen parts; "lora": the ablation)
     c.model.unet_lr_mult = 1.0  # paper.yaml: one lr for the UNet
     c.model.scheduler_overrides = ml_collections.ConfigDict()  # scheduler.json over SD2.1's own config
     c.model.scheduler_overrides.beta_start = 1.0
@@ -65,6 +65,11 @@ def set_one_step_model(c: ml_collections.ConfigDict) -> None:
     c.model.scheduler_overrides.beta_schedule = "scaled_linear"
     c.model.scheduler_overrides.prediction_type = "v_prediction"
     c.model.num_steps = 1  # paper.yaml validation.denoising_steps: 1 (t = 1)
+    c.model.noise = "rgb"  # trainer: the RGB latent as the noise; "gaussian": Marigold's (RGB latent concatenated,
+    # the beta_values ablation configs' rgb_blending false), with smaller betas and more steps: Table 1
+    c.model.pixel_loss_weight = 1.0  # the customized (pixel) losses through the frozen decoder (paper.yaml)
+    c.model.latent_loss_weight = 0.0  # loss.name mse_loss on the latent (masked): the "latent MSE" baseline and the
+    # Marigold / DMP ablations (set pixel_loss_weight = 0 there)
     c.model.context = "prompt"
     c.model.prompt = ""  # trainer.py: the empty prompt's embedding
     c.model.cache_latents = False  # the images are flipped at random

@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "auto"  # compute: bfloat16 on GPUs / TPUs (params stay fp32), float32 on CPUs; the public
     # code runs float32 everywhere
     c.model.attention_impl = "auto"  # cudnn flash attention on GPUs (per layer, where supported), else xla
-    c.model.remat_policy = "none"  # UNet remat for train_unet: full, dots, dots_no_batch (less memory, more compute)
+    c.model.remat_policy = "none"  # UNet remat when trained: full, dots, dots_no_batch (less memory, more compute)
     c.model.t_feat = 0  # timestep of the feature pass
     c.model.sample_posterior = True  # public code: posterior sample x 0.18215; False: the mean
     c.model.scale_latents = True  # x the VAE scaling factor 0.18215 (VPD: False, the unscaled posterior mode)
@@ -40,8 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.context_adapter = False  # VPD's TextAdapter (trainable MLP, gamma 1e-4) on the context
     c.model.cache_latents = True  # encode each training image's VAE posterior once, sample it every step (same
     # training, no VAE encoder in the step); ignored with augmentation, which changes the images every epoch
-    c.model.train_unet = False  # frozen SD (paper Table B: fine-tuning is worse)
-    c.model.unet_lr_mult = 0.1  # when train_unet (VPD-style)
+    c.model.unet_tuning = "frozen"  # frozen SD (paper Table B: fine-tuning is worse); "full": every UNet weight
+    # trained (VPD, GenPercept); "lora": low-rank factors on the attention projections (GenPercept / Marigold ablate it)
+    c.model.unet_lr_mult = 0.1  # unet_tuning = "full" (VPD-style); LoRA factors train at train.lr
+    c.model.lora = ml_collections.ConfigDict()  # unet_tuning = "lora" (d2i_jax.models.lora)
+    c.model.lora.rank = 8
+    c.model.lora.alpha = 8.0  # the merged kernel is W + alpha / rank x down @ up
+    c.model.lora.targets = ("to_q", "to_k", "to_v", "to_out_0")  # diffusers' default for the SD UNet
     c.model.features = "diff2in1"  # feature path plug-in (`d2i_jax.perception.feature_paths`): all 25 UNet block
     # outputs through the public fusion (`c.fusion`)
     c.model.attention_maps = False  # VPD's cross-attention maps appended to its features (`features = "vpd"` only)

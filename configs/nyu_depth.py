@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     # empty prompt for every image
     c.model.prompt = ""
     c.model.context_adapter = False  # VPD's adapter acts on the scene embedding (see above)
-    c.model.train_unet = True  # optimizer.py LDMOptimizerConstructor: the UNet is optimised
+    c.model.unet_tuning = "full"  # optimizer.py LDMOptimizerConstructor: the UNet is optimised
     c.model.unet_lr_mult = 0.01  # optimizer.py: lr_scale 0.01 for names containing 'unet'
 
     c.task = ml_collections.ConfigDict()

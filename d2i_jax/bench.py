@@ -5,7 +5,8 @@
     python -m d2i_jax.bench --tiny --repeats 1 --warmup 0    # CPU smoke mode (CI): same code, tiny models
 
 Rows: (a) UNet forward, (b) full fine-tune step, (c) Diff-2-in-1 frozen-backbone train step, (d) data creation,
-(e) GenPercept-style one-step perception latency, (f) VPD segmentation fine-tune step (configs/ade20k.py). Each
+(e) GenPercept-style one-step perception latency, (f) VPD segmentation fine-tune step (configs/ade20k.py), (g)
+GenPercept's fine-tune micro-step with gradient accumulation (configs/genpercept_normals.py's batch and size). Each
 figure is the median of `--repeats` timed calls after `--warmup` calls, each call synchronised with the device
 (`block_until_ready` / `torch.cuda.synchronize`). FLOPs are counted by XLA's cost analysis of the lowered HLO with
 reference (einsum) attention, because fused kernels such as cuDNN flash attention are opaque custom calls to the
@@ -101,6 +102,8 @@ class Suite:
       ddim_steps / start_t: row (d)'s DDIM steps and partial-noise level.
       head / fusion: `NormalHead` and `FeatureFusion` fields (empty: the public-code sizes, their defaults).
       seg_head: row (f)'s `SemanticFPN` fields over configs/ade20k.py's (empty: VPD's).
+      one_step_train: row (g)'s (batch, image side, gradient-accumulation micro-steps): GenPercept's recipe
+        (configs/genpercept_normals.py: 4 x 768², 8 micro-steps per update, effective batch 32).
       reference: REFERENCE §5's per-image FLOPs apply (fallback counts).
     """
 
@@ -121,6 +124,7 @@ class Suite:
     head: dict[str, Any] = dataclasses.field(default_factory=dict)
     fusion: dict[str, Any] = dataclasses.field(default_factory=dict)
     seg_head: dict[str, Any] = dataclasses.field(default_factory=dict)
+    one_step_train: tuple[int, int, int] = (4, 768, 8)
     reference: bool = False
 
 
@@ -129,7 +133,7 @@ FULL = Suite("full", SD15_UNET, SD21_UNET, SD_VAE, 77, 64, (8, 32), 16, 8, 8, 51
 TINY = Suite("tiny", BENCH_TINY_UNET, BENCH_TINY_SD21_UNET, TINY_VAE, 77, 8, (2,), 2, 2, 2, 64, (64,), 4, 600,
              head={"decoder_channels": (64, 32, 32, 16), "mlp_hidden": 32},
              fusion={"reduce_channels": (128, 64, 32, 32), "deconv_channels": (16, 8)},
-             seg_head={"out_channels": 32, "channels": 32})
+             seg_head={"out_channels": 32, "channels": 32}, one_step_train=(2, 64, 2))
 
 # ----------------------------------------------------------------------------------------------- results
 
@@ -391,7 +395,7 @@ class Bench:
         return count_flops(jax.jit(make("xla")).lower(*args))
 
     def time_jax(self, make: Callable[[str], Callable[..., Any]], args: Sequence[Any], *, stateful: bool = False,
-                 memory_base: int | None = None) -> Measurement:
+                 memory_base: int | None = None, memory_estimate: bool = False) -> Measurement:
         """Compiles `make(attention)`, counts its FLOPs and times it.
 
         Args:
@@ -401,6 +405,7 @@ class Bench:
           memory_base: measure peak memory: the device's peak minus this many bytes (`device_bytes_in_use()`
             before the arguments were built), or XLA's buffer estimate for the step where the device keeps no
             statistics (CPU).
+          memory_estimate: measure peak memory as XLA's buffer estimate of the step, on every device.
         """
         lowered = jax.jit(make(self.attention), donate_argnums=(0,) if stateful else ()).lower(*args)
         flops = count_flops(lowered) if self.attention == "xla" else self.flops(make, args)
@@ -415,11 +420,11 @@ class Bench:
 
         seconds = median_seconds(call, jax.block_until_ready, warmup=self.warmup, repeats=self.repeats)
         peak = None
-        if memory_base is not None:
+        if memory_base is not None or memory_estimate:
             stats = jax.devices()[0].memory_stats()
-            if stats and "peak_bytes_in_use" in stats:
+            if not memory_estimate and stats and "peak_bytes_in_use" in stats:
                 peak = stats["peak_bytes_in_use"] - memory_base
-            else:  # no device statistics (CPU): XLA's buffer assignment of the step
+            else:  # asked for, or no device statistics (CPU): XLA's buffer assignment of the step
                 m = compiled.memory_analysis()
                 peak = getattr(m, "peak_memory_in_bytes", 0) or (
                     m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
@@ -746,6 +751,80 @@ def row_e(b: Bench) -> list[Row]:
     return rows
 
 
+def row_g(b: Bench) -> list[Row]:
+    """GenPercept's fine-tune micro-step (`one_step_train`: batch, side, accumulation): the frozen VAE encodes the RGB
+    and the label image, the whole SD2.1-shaped UNet runs once on the RGB latent at a random t, its -v is decoded by
+    the frozen VAE decoder, loss = pixel MSE + latent MSE, Adam 3e-5 inside gradient accumulation (optax.MultiSteps;
+    the peer calls `optimizer.step()` every k-th call). The median call is a micro-step (k - 1 of k calls), on both
+    sides. Memory: XLA's buffer estimate of the step (the device's peak statistic cannot be reset between rows)."""
+    s, (batch, side, k) = b.suite, b.suite.one_step_train
+    width, scale = s.unet_sd21["cross_attention_dim"], s.vae["scaling_factor"]
+    tx = make_optimizer("adam", 3e-5, accumulate_steps=k)
+    params = b.params("unet_sd21", "unet", s.unet_sd21, fresh=True)  # donated to the step
+    state = {"params": params, "opt_state": b.run_once(tx.init, params)}
+    vae_params = b.params("vae", "vae", s.vae)
+    x, label = host_random(12, batch, side, side, 3, kind="image"), host_random(13, batch, side, side, 3, kind="image")
+    t, ctx = host_random(14, batch, kind="timestep"), b.context(batch, width)
+
+    def make(attn: str) -> Callable[..., Any]:
+        vae, unet = b.module("vae", s.vae, attn), b.module("unet", s.unet_sd21, attn, b.remat_policy)
+
+        def step(state: Any, vae_p: Any, x: jax.Array, label: jax.Array, t: jax.Array, ctx: jax.Array
+                 ) -> tuple[Any, jax.Array]:
+            encode = lambda im: vae.apply({"params": vae_p}, im, method="encode").mean * scale
+            rgb, target = encode(x), encode(label)
+
+            def loss_fn(p: Any) -> jax.Array:
+                v = unet.apply({"params": p}, rgb, t, ctx).astype(jnp.float32)
+                pixels = vae.apply({"params": vae_p}, -v / scale, method="decode").astype(jnp.float32)
+                return jnp.mean((pixels - label) ** 2) + jnp.mean((v + target) ** 2)
+
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+        return step
+
+    del params
+    jm = b.time_jax(make, (state, vae_params, x, label, t, ctx), stateful=True, memory_estimate=True)
+    del state
+    fallback = b.reference_flops(batch, vae_encoder=2, unet=3, vae_decoder=3)
+    jm.flops, source = _flops_or_fallback(jm.flops, fallback and fallback * (side / 512) ** 2)
+
+    def peer_make(variant: str) -> Callable[[], Any]:
+        pr, torch = b.peer, b.peer.torch
+        unet = pr.formatted(pr.build("unet", s.unet_sd21).train(), variant)  # fresh per variant: fair peak memory
+        vae = pr.formatted(pr.model("vae", "vae", s.vae), variant).requires_grad_(False)
+        opt = torch.optim.Adam(unet.parameters(), lr=3e-5, fused=pr.cuda)
+        x, label = pr.randn(batch, 3, side, side, variant=variant), pr.randn(batch, 3, side, side, variant=variant)
+        t, c = torch.randint(0, 1000, (batch,), device=pr.device), pr.randn(batch, s.context_len, width)
+
+        def loss_of(x: Any, label: Any, t: Any, c: Any) -> Any:
+            with torch.no_grad():
+                rgb, target = (vae.encode(im).latent_dist.mode() * scale for im in (x, label))
+            v = unet(rgb, t, c).sample.float()
+            pixels = vae.decode(-v / scale).sample.float()
+            return torch.nn.functional.mse_loss(pixels, label) + torch.nn.functional.mse_loss(v, -target)
+        fwd = pr.compiled(loss_of, variant)
+        calls = [0]
+
+        def call() -> Any:
+            with pr.autocast():
+                loss = fwd(x, label, t, c) / k
+            loss.backward()
+            calls[0] += 1
+            if calls[0] % k == 0:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return loss
+        return call
+
+    pm = b.peer.best(peer_make, jm.flops, memory=True) if b.peer else None
+    notes = (f"SD2.1-shaped UNet, {k} micro-steps per update; peak mem JAX {_bytes(jm)} (XLA buffer estimate), "
+             f"peer {_bytes(pm)}" + (f"; JAX remat {b.remat_policy}" if b.remat_policy != "none" else ""))
+    return [Row("g", f"(g) one-step fine-tune micro-step, batch {batch}, {side}px", "img/s", batch, jm, pm, notes,
+                source)]
+
+
 def row_f(b: Bench) -> list[Row]:
     """VPD segmentation fine-tune step (configs/ade20k.py), batch of row (b): `Steps.train_step` of the model the
     runner builds (VAE posterior mode unscaled, UNet at t = 1 without noise and trained at `unet_lr_mult`,
@@ -826,7 +905,7 @@ def row_f(b: Bench) -> list[Row]:
 
 
 ROWS: dict[str, Callable[[Bench], list[Row]]] = {"a": row_a, "b": row_b, "c": row_c, "d": row_d, "e": row_e,
-                                                 "f": row_f}
+                                                 "f": row_f, "g": row_g}
 
 # ----------------------------------------------------------------------------------------------- CLI
 
@@ -841,7 +920,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"peak for MFU (default {DEFAULT_PEAK_TFLOPS:g} on GPU, MFU n/a on CPU)")
     p.add_argument("--attention", choices=("cudnn", "xla"), default=None, help="default: cudnn on GPU, else xla")
     p.add_argument("--remat-policy", "--remat_policy", dest="remat_policy", choices=tuple(REMAT_POLICIES),
-                   default="none", help="row (b): rematerialisation of the JAX UNet's resnets / transformers")
+                   default="none", help="rows (b), (g): rematerialisation of the JAX UNet's resnets / transformers")
     p.add_argument("--no-peer", action="store_true", help="JAX only")
     p.add_argument("--peer-variants", default=None,
                    help=f"comma-separated subset of {','.join(PEER_VARIANTS)} (default: all; tiny: eager,channels_last "

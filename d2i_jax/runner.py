@@ -32,6 +32,7 @@ from d2i_jax.metric_writer import MetricWriter
 from d2i_jax.models.class_embeddings import class_embeddings, load_class_embeddings
 from d2i_jax.models.clip import CaptionContexts, embed_prompts
 from d2i_jax.models.loading import StableDiffusion, load_stable_diffusion, restore_params, save_params
+from d2i_jax.models.lora import Lora
 from d2i_jax.models.random_sd import TINY_UNET, write_random_sd
 from d2i_jax.models.unet import UNet2DConditionModel
 from d2i_jax.models.vae import AutoencoderKL
@@ -43,6 +44,7 @@ from d2i_jax.tasks import Task, get_task
 from d2i_jax.training.loop import FitOptions, fit
 from d2i_jax.training.sharding import fsdp_shardings, make_mesh, put_sharded
 from d2i_jax.training.state import TrainState, create_sharded
+from d2i_jax.training.steps import Steps
 from weights_conversion.diff2in1 import MODEL_INFO
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -78,8 +80,10 @@ def make_backbone(model: ml_collections.ConfigDict, vae: AutoencoderKL, unet: UN
 
 def make_perceiver(config: ml_collections.ConfigDict, backbone: Backbone, task: Task) -> Perceiver:
     """`backbone` -> the feature path `config.model.features` -> `task`'s head; with `model.context_adapter`, VPD's
-    `TextAdapter` on the context; `model.train_unet` makes the UNet trainable."""
-    return Perceiver(backbone, make_predictor(config, task.make_head()), train_unet=config.model.train_unet,
+    `TextAdapter` on the context; `model.unet_tuning` trains the UNet (fully, or LoRA factors of `model.lora`)."""
+    lora = config.model.lora
+    return Perceiver(backbone, make_predictor(config, task.make_head()), unet_tuning=config.model.unet_tuning,
+                     lora=Lora(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets)),
                      context_adapter=TextAdapter() if config.model.context_adapter else None)
 
 
@@ -199,6 +203,13 @@ class Run:
         """`tree` on the mesh by the fsdp rule (`config.fsdp_min_size`)."""
         return put_sharded(tree, fsdp_shardings(tree, self.mesh, self.config.fsdp_min_size))
 
+    def steps(self, tx: Any, **kwargs: Any) -> Steps:
+        """The training stages' pure steps with the config's loss weights (`model.pixel_loss_weight`,
+        `model.latent_loss_weight`: the one-step path's latent loss) and `kwargs` (theta_C's EMA, label mode)."""
+        m = self.config.model
+        return Steps(self.perceiver, self.task, tx, pixel_loss_weight=m.get("pixel_loss_weight", 1.0),
+                     latent_loss_weight=m.get("latent_loss_weight", 0.0), **kwargs)
+
     def train_state(self, params: Any, batch_stats: Any, tx: Any, seed_offset: int) -> TrainState:
         """A stage's initial train state, created sharded on the mesh (theta_C = theta_E)."""
         return create_sharded(params, batch_stats, tx, jax.random.key(self.config.seed + seed_offset), self.mesh,
@@ -253,8 +264,8 @@ class Run:
         """Untrained (params, batch_stats) for `config.data.image_size` inputs, drawn once per run (warm-up starts
         from them, evaluation measures them): host arrays, with the SD UNet when it is trained."""
         params, batch_stats = self._initial_head
-        if self.perceiver.train_unet:
-            params = {**params, "unet": self.frozen["unet"]}
+        if self.perceiver.unet_tuning == "full":
+            params = {**params, "unet": self.perceiver.backbone.trainable_unet(self.frozen["unet"])}
         return params, batch_stats
 
     @functools.cached_property

@@ -34,6 +34,7 @@ def _expected_labels(suite: bench.Suite) -> list[str]:
         f"(d) data creation, batch {suite.batch_d}, {side}px [pairs/s]",
         *(f"(e) one-step latency, batch 1, {s}px [ms]" for s in suite.one_step_sides),
         f"(f) VPD seg fine-tune step, batch {suite.batch_b}, {side}px [img/s]",
+        f"(g) one-step fine-tune micro-step, batch {suite.one_step_train[0]}, {suite.one_step_train[1]}px [img/s]",
     ]
 
 

@@ -28,7 +28,7 @@ def test_nyu_config_is_the_public_code_setting():
     assert all(s in REGISTRY for s in c.stages)
     # backbone and perception path (§1, §1.1)
     assert c.model.t_feat == 0 and c.model.sample_posterior and c.model.prompt == ""
-    assert not c.model.train_unet  # SD frozen
+    assert c.model.unet_tuning == "frozen"  # SD frozen
     assert c.data.image_size == (512, 512)
     assert c.fusion.reduce_channels == (2048, 176, 64, 64) and c.fusion.deconv_channels == (40, 24)
     assert c.fusion.target_strides == (32, 16, 8, 8) and c.fusion.param_init == c.task.head.param_init == "pytorch"
@@ -109,7 +109,7 @@ def test_ade20k_config_is_vpds_segmentation_setting():
     assert not (c.model.sample_posterior or c.model.scale_latents or c.model.noise_features)
     assert c.model.context == "class_embeddings" and c.model.context_adapter
     assert c.model.attention_maps  # vpd/models.py use_attn: neck in_channels [320, 790, 1430, 1280]
-    assert c.model.train_unet and c.model.unet_lr_mult == 0.1
+    assert c.model.unet_tuning == "full" and c.model.unet_lr_mult == 0.1
     # FPN neck + FPNHead on 150 classes, mmseg 0.x cross-entropy, ADE20K reduce_zero_label classes
     assert c.task.name == "segmentation" and c.task.num_classes == 150 and c.task.class_names == CLASSES
     assert c.task.ignore_index == 255 and not c.task.avg_non_ignore
@@ -140,7 +140,7 @@ def test_nyu_depth_config_is_vpds_depth_setting():
     _vpd_plugins_exist(c)
     assert c.model.features == "vpd" and c.model.t_feat == 1 and not c.model.attention_maps
     assert not (c.model.sample_posterior or c.model.scale_latents or c.model.noise_features)
-    assert c.model.train_unet and c.model.unet_lr_mult == 0.01
+    assert c.model.unet_tuning == "full" and c.model.unet_lr_mult == 0.01
     assert c.task.name == "depth" and c.task.head.type == "vpd"
     assert c.task.max_depth == 10 and c.task.min_depth == 1e-3
     assert c.task.silog_lambda == 0.5 and c.task.silog_scale == 1

@@ -20,10 +20,11 @@ from d2i_jax.diffusion.sampling import ddim_sample, predict_x0
 from d2i_jax.diffusion.schedule import NoiseSchedule, ddim_timesteps, q_sample, velocity
 from d2i_jax.models.loading import build_module
 from d2i_jax.models.random_sd import TINY_TEXT_ENCODER, random_params, write_random_sd
-from d2i_jax.perception.one_step import OneStepBackbone
+from d2i_jax.perception.model import Perceiver
+from d2i_jax.perception.one_step import OneStepBackbone, latent_error
 from d2i_jax.predict import Predictor
 from d2i_jax.stages import create, evaluate
-from d2i_jax.tasks.relative_depth import normalise_depth
+from d2i_jax.tasks.relative_depth import RelativeDepthTask, normalise_depth
 from d2i_jax.training import checkpoint
 from d2i_jax.training.state import TrainState
 from d2i_jax.training.steps import LRSchedule, Steps, apply_gradients, make_optimizer
@@ -81,8 +82,90 @@ def test_training_draws_t_per_image_and_needs_alpha_bar_zero(tiny):
                                                                                                    (2, 77, 16)))
     np.testing.assert_allclose(got, -v, rtol=1e-5, atol=1e-5)
     sd = OneStepBackbone(vae, unet, NoiseSchedule.from_config(None, prediction_type="v_prediction"))
-    with pytest.raises(NotImplementedError, match="alpha_bar"):
+    with pytest.raises(ValueError, match="blends the label latent"):
         sd.image_features(params["vae"], params["unet"], images, context, rng, train=True)
+
+
+def _label_targets(images):
+    """Label images (a smooth ramp in [-1, 1]) with an invalid 8 x 8 corner: one latent cell left out."""
+    ramp = jnp.broadcast_to(jnp.linspace(-0.9, 0.9, images.shape[2])[None, None, :, None], images.shape)
+    valid = jnp.ones(images.shape[:3], bool).at[:, :8, :8].set(False)
+    return ramp, valid
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+@pytest.mark.parametrize("variant", ["genpercept", "dmp", "marigold"])
+def test_training_input_and_latent_error_of_each_variant(tiny, variant):
+    """GenPercept (RGB latent as x_t), DMP (RGB "noise" blended with the label latent at alpha_bar > 0) and Marigold
+    (Gaussian noise, the RGB latent concatenated, the widened conv_in) against the UNet called by hand: the label
+    latent x0 estimate, and the masked MSE of the UNet output against its v-target."""
+    unet, vae, params, images, context = tiny
+    config = GENPERCEPT if variant == "genpercept" else {"prediction_type": "v_prediction"}
+    schedule = NoiseSchedule.from_config(None, **config)
+    backbone = OneStepBackbone(vae, unet, schedule, noise="gaussian" if variant == "marigold" else "rgb")
+    unet_params = backbone.trainable_unet(params["unet"])
+    targets = _label_targets(images)
+    rng = jax.random.key(4)
+    feats = backbone.image_features(params["vae"], unet_params, images, context, rng, train=True, targets=targets)
+
+    rgb = _rgb_latent(vae, params, images)
+    label = _rgb_latent(vae, params, targets[0])
+    t = jax.random.randint(rng, (2,), 0, 1000)
+    noise = jax.random.normal(jax.random.fold_in(rng, 1), rgb.shape) if variant == "marigold" else rgb
+    x_t = q_sample(schedule, label, noise, t)
+    if variant == "genpercept":
+        np.testing.assert_array_equal(x_t, rgb)
+    unet_input = jnp.concatenate([rgb, x_t], -1) if variant == "marigold" else x_t
+    v = unet.apply({"params": unet_params}, unet_input, t, jnp.broadcast_to(context, (2, 77, 16)))
+    np.testing.assert_allclose(feats.latent, predict_x0(schedule, v, t, x_t), rtol=1e-4, atol=1e-5)
+    err = np.square(np.asarray(v) - np.asarray(velocity(schedule, label, noise, t)))
+    err[:, 0, 0] = np.nan  # the latent cell over the invalid corner
+    assert float(feats.latent_error) == pytest.approx(float(np.nanmean(err)), rel=1e-4)
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_marigold_widened_conv_in_equals_the_checkpoint_on_equal_inputs(tiny):
+    unet, vae, params, images, context = tiny
+    backbone = OneStepBackbone(vae, unet, NoiseSchedule.from_config(None), noise="gaussian")
+    wide = backbone.trainable_unet(params["unet"])
+    assert wide["conv_in"]["kernel"].shape[2] == 8 and backbone.trainable_unet(wide) is wide  # widened once
+    x = _rgb_latent(vae, params, images)
+    args = (jnp.full((2,), 500), jnp.broadcast_to(context, (2, 77, 16)))
+    np.testing.assert_allclose(unet.apply({"params": wide}, jnp.concatenate([x, x], -1), *args),
+                               unet.apply({"params": params["unet"]}, x, *args), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_marigold_inference_is_ddim_from_gaussian_noise_with_the_rgb_latent_concatenated(tiny):
+    unet, vae, params, images, context = tiny
+    schedule = NoiseSchedule.from_config(None, prediction_type="v_prediction", set_alpha_to_one=True)
+    backbone = OneStepBackbone(vae, unet, schedule, num_steps=2, noise="gaussian")
+    wide = backbone.trainable_unet(params["unet"])
+    rng = jax.random.key(5)
+    got = backbone.image_features(params["vae"], wide, images, context, rng).latent
+    rgb = _rgb_latent(vae, params, images)
+    denoise = lambda x, t, c: unet.apply({"params": wide}, jnp.concatenate([rgb, x], -1), t, c)
+    want = ddim_sample(denoise, schedule, jax.random.normal(jax.random.fold_in(rng, 1), rgb.shape),
+                       ddim_timesteps(1000, 2, steps_offset=1), context=jnp.broadcast_to(context, (2, 77, 16)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_latent_error_averages_over_the_fully_valid_cells():
+    rng = np.random.default_rng(0)
+    pred, target = (rng.standard_normal((2, 3, 4, 4)).astype(np.float32) for _ in range(2))
+    valid = np.ones((2, 24, 32), bool)
+    valid[0, 9, 17] = False  # one pixel: latent cell (1, 2) of image 0 drops out
+    valid[1, :8] = False  # image 1's first latent row
+    keep = np.ones((2, 3, 4), bool)
+    keep[0, 1, 2], keep[1, 0] = False, False
+    want = np.square(pred - target)[keep].mean()
+    assert float(latent_error(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(valid))) == pytest.approx(want)
+    assert float(latent_error(jnp.asarray(pred), jnp.asarray(target), jnp.zeros_like(valid))) == 0.0
+
+
+def test_latent_loss_needs_a_trained_unet():
+    with pytest.raises(ValueError, match="latent_loss_weight"):
+        Steps(Perceiver(None, None), RelativeDepthTask(), None, latent_loss_weight=1.0)
 
 
 @pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
@@ -167,7 +250,7 @@ def test_relative_depth_target_is_genpercepts_normalisation(space):
 
 def test_recipe_configs_carry_genpercepts_values():
     for c in (genpercept_depth.get_config(), genpercept_normals.get_config()):
-        assert c.model.features == "one_step" and c.model.train_unet and c.model.unet_lr_mult == 1.0
+        assert c.model.features == "one_step" and c.model.unet_tuning == "full" and c.model.unet_lr_mult == 1.0
         assert dict(c.model.scheduler_overrides) == GENPERCEPT
         assert c.model.num_steps == 1 and c.model.prompt == ""
         assert (c.train.optimizer, c.train.lr, c.train.schedule) == ("adam", 3e-5, "exponential")
@@ -226,6 +309,43 @@ def test_micro_fine_tune_trains_the_unet_and_evaluates_aligned(finished, sd_path
     untouched = runner.Run(micro_config(sd_path), finished).frozen["unet"]
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params["unet"]), jax.tree.leaves(untouched),
                                                         strict=True))
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_marigold_style_fine_tune_on_the_latent_loss(sd_path, tmp_path):
+    """Marigold's variant as config: Gaussian noise with the RGB latent concatenated, SD's betas, latent MSE only,
+    two DDIM steps at inference; the saved UNet has the widened 8-channel conv_in and the run evaluates."""
+    c = micro_config(sd_path)
+    c.model.noise, c.model.num_steps = "gaussian", 2
+    c.model.scheduler_overrides.beta_start, c.model.scheduler_overrides.beta_end = 0.00085, 0.012
+    c.model.pixel_loss_weight, c.model.latent_loss_weight = 0.0, 1.0
+    runner.run(c, tmp_path)
+    params, _ = runner.Run(c, tmp_path).load_model("warmup")
+    assert params["unet"]["conv_in"]["kernel"].shape[2] == 8
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in logged if x.get("stage") == "warmup"]
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses)  # the latent MSE of v (unit-scale targets)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isfinite(metrics["theta_W"]["abs_rel"]) and metrics["theta_W"] != metrics["untrained"]
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_lora_fine_tune_trains_only_the_factors(sd_path, tmp_path):
+    """`model.unet_tuning = "lora"`: the saved model holds the head and the LoRA factors, not a UNet; the factors
+    moved from their zero-`up` start, and the run evaluates with the merged UNet."""
+    c = micro_config(sd_path)
+    c.model.unet_tuning, c.model.lora.rank = "lora", 2
+    runner.run(c, tmp_path)
+    r = runner.Run(c, tmp_path)
+    params, _ = r.load_model("warmup")
+    assert set(params) == {"head", "lora"}
+    ups = {jax.tree_util.keystr(p[:-1]): x for p, x in jax.tree_util.tree_leaves_with_path(params["lora"])
+           if p[-1].key == "up"}
+    still = {p for p, u in ups.items() if not np.any(u)}  # the mid block's self-attention sees one token at 64 px:
+    assert all("mid_block" in p and "attn1" in p for p in still)  # softmax over one key, no gradient to q / k
+    assert len(ups) > 40 and all(u.shape[0] == 2 for u in ups.values())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isfinite(metrics["theta_W"]["abs_rel"]) and metrics["theta_W"] != metrics["untrained"]
 
 
 @pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow

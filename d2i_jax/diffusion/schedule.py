@@ -154,6 +154,16 @@ def velocity(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Ar
     return out.astype(x0.dtype)
 
 
+def denoiser_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array | int) -> jax.Array:
+    """What the denoiser is trained to output for x_t = `q_sample(x0, noise, t)`: the noise (epsilon), the velocity
+    (v_prediction) or x0 itself (sample), as diffusers' training scripts."""
+    if schedule.prediction_type == "epsilon":
+        return noise
+    if schedule.prediction_type == "v_prediction":
+        return velocity(schedule, x0, noise, t)
+    return x0
+
+
 def ddim_timesteps(
     num_train_timesteps: int, num_steps: int, *, start_t: int | None = None, steps_offset: int = 1
 ) -> np.ndarray:

@@ -79,18 +79,28 @@ class Backbone:
         context = jnp.broadcast_to(context, (latents.shape[0], *context.shape[1:]))
         return self.unet_pass(unet_params, noisy, t, context)[1]
 
+    @property
+    def needs_label_latent(self) -> bool:
+        """Whether a training forward needs the labels as images (`image_features(targets=...)`): the UNet input
+        or objective holds the label latent (the one-step path's multi-step variants)."""
+        return False
+
+    def trainable_unet(self, unet_params: Any) -> Any:
+        """The UNet params fine-tuning starts from (`model.unet_tuning = "full"`): the checkpoint's."""
+        return unet_params
+
     def image_features(
         self, vae_params: Any, unet_params: Any, images: jax.Array, context: jax.Array, rng: jax.Array,
-        moments: jax.Array | None = None, *, train: bool = False,
+        moments: jax.Array | None = None, *, train: bool = False, targets: Any = None,
     ) -> UNetFeatures:
         """images -> posterior -> latents -> `features`, with independent randomness for each draw.
 
         `moments` (`[B, H/8, W/8, 2 * latent_channels]`, `Posterior.moments` of these images, e.g. cached by
         `d2i_jax.data.latent_cache`) replaces the VAE encode; the latent is still drawn from it with the same rng,
         so the result equals encoding `images`. `train`: a training forward (the same pass here; the one-step
-        backbone draws its timestep then).
+        backbone draws its timestep then). `targets`: the labels as images (unused here).
         """
-        del train
+        del train, targets
         latent_rng, noise_rng = jax.random.split(rng)
         posterior = self.posterior(vae_params, images) if moments is None else Posterior.from_moments(moments)
         latents = self.latents(posterior, latent_rng, scale=self.scale_latents)

@@ -85,7 +85,7 @@ class PairGenerator:
         if not (bb.denoises or relabel):
             raise ValueError(f"{type(bb).__name__}'s UNet does not denoise: its labels come from the perception pass; "
                              "set create.label_pass (and generate.label_pass) to 'perception'")
-        unet_params = head_params["unet"] if self.perceiver.train_unet and bb.denoises else frozen["unet"]
+        unet_params = self.perceiver.unet(head_params, frozen) if bb.denoises else frozen["unet"]
         schedule = self.sampling_schedule
         keys = jax.vmap(lambda k: jax.random.split(k, 3))(rngs)
         if self.start_t is not None:

@@ -46,10 +46,10 @@ def steps_for(r: Run, tx: Any) -> Steps:
     if cfg.teacher == "fixed":
         print("[self_improve] teacher=fixed (DA-Fusion-style): theta_W's stored labels of the synthetic images as "
               "ground truth, no theta_C, no EMA; theta_E is saved as the model")
-        return Steps(r.perceiver, r.task, tx)
+        return r.steps(tx)
     every = ema_every_steps(cfg.ema_every_samples, r.config.train.batch_size)
     print(f"[self_improve] theta_C labels ({cfg.label_mode} mode), EMA alpha={cfg.ema_decay} every {every} steps")
-    return Steps(r.perceiver, r.task, tx, ema_decay=cfg.ema_decay, ema_every=every, label_mode=cfg.label_mode)
+    return r.steps(tx, ema_decay=cfg.ema_decay, ema_every=every, label_mode=cfg.label_mode)
 
 
 def run(r: Run) -> None:

@@ -9,7 +9,7 @@ import ml_collections
 import optax
 
 from d2i_jax.data.latent_cache import WithMoments, cache_file, encode_moments
-from d2i_jax.training.steps import LRSchedule, Steps, make_optimizer
+from d2i_jax.training.steps import LRSchedule, make_optimizer
 
 if TYPE_CHECKING:
     from d2i_jax.runner import Run
@@ -25,7 +25,7 @@ def optimizer(config: ml_collections.ConfigDict, num_examples: int, epochs: int)
                           cfg.warmup_steps, cfg.warmup_ratio, cfg.poly_power, cfg.min_lr,
                           cfg.get("final_ratio", 0.01))
     return make_optimizer(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                          unet_lr_mult=config.model.unet_lr_mult if config.model.train_unet else None,
+                          unet_lr_mult=config.model.unet_lr_mult if config.model.unet_tuning == "full" else None,
                           schedule=schedule, accumulate_steps=accumulate)
 
 
@@ -70,5 +70,5 @@ def run(r: Run) -> None:
     params, batch_stats = r.init_model()
     state = r.train_state(params, batch_stats, tx, seed_offset=1)
     print(f"[warmup] {len(source)} training images, {epochs} epochs" + (f", {max_steps} steps" if max_steps else ""))
-    state = r.fit("warmup", Steps(r.perceiver, r.task, tx), state, source, epochs=epochs, max_steps=max_steps)
+    state = r.fit("warmup", r.steps(tx), state, source, epochs=epochs, max_steps=max_steps)
     r.save_model("warmup", state.params, state.batch_stats)

@@ -77,6 +77,13 @@ class NormalsTask:
         return loss(outputs.maps[-1], labels[keys.NORMAL], labels[keys.MASK])
 
     @staticmethod
+    def label_image(labels: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """The normals as a `[B, H, W, 3]` image in [-1, 1] (xyz; 0 where invalid) and their validity, the one-step
+        path's label latent's source (GenPercept, Marigold)."""
+        valid = labels[keys.MASK]
+        return jnp.where(valid[..., None], labels[keys.NORMAL], 0.0).astype(jnp.float32), valid
+
+    @staticmethod
     def prediction(outputs: NormalHeadOutput) -> jax.Array:
         """The full-resolution refined prediction `[B, H, W, 4]`."""
         return outputs.maps[-1]

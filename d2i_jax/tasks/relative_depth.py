@@ -94,6 +94,13 @@ class RelativeDepthTask(DepthTask):
         valid = depth > self.min_depth
         return normalise_depth(depth, valid, space=self.space, quantile=self.quantile, clip=self.clip), valid
 
+    def label_image(self, labels: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """The normalised target repeated on three channels, `[B, H, W, 3]` in [-1, 1] (invalid pixels as
+        `normalise_depth` leaves them), and its validity: the one-step path's label latent's source (GenPercept's
+        `depth_raw_norm`, `valid_mask_raw`)."""
+        target, valid = self.target(labels[keys.DEPTH])
+        return jnp.repeat(target[..., None], 3, axis=-1), valid
+
     def loss_fn(self, outputs: jax.Array, labels: Mapping[str, jax.Array]) -> jax.Array:
         target, valid = self.target(labels[keys.DEPTH])
         return genpercept_depth_loss(self.prediction(outputs)[..., 0], target, valid, weights=self.loss_weights)

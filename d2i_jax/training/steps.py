@@ -43,6 +43,8 @@ class Steps:
       ema_decay: alpha of theta_C <- alpha * theta_C + (1 - alpha) * theta_E.
       ema_every: steps between EMA updates; 0 disables the EMA (warm-up).
       label_mode: how theta_C labels the synthetic examples, one of `LABEL_MODES` (see the module docstring).
+      pixel_loss_weight / latent_loss_weight: the loss is pixel x the task's loss on the head's output + latent x the
+        backbone's latent error (the one-step path's denoiser MSE against the label latent, `OneStepFeatures`).
     """
 
     perceiver: Perceiver
@@ -51,10 +53,26 @@ class Steps:
     ema_decay: float = 0.998
     ema_every: int = 0
     label_mode: str = "public"
+    pixel_loss_weight: float = 1.0
+    latent_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
+        if self.latent_loss_weight and not self.perceiver.trainable_features:
+            raise ValueError("model.latent_loss_weight trains the UNet against the label latent: it needs a trained "
+                             "UNet (model.unet_tuning 'full' or 'lora') on the one-step path")
+        if (self.latent_loss_weight or self.perceiver.backbone.needs_label_latent) and not hasattr(
+                self.task, "label_image"):
+            raise ValueError(f"the {self.task.name} task has no label image (label_image) to encode as a label "
+                             "latent: set model.latent_loss_weight = 0 and keep the one-step path's RGB input")
+
+    def _latent_targets(self, labels: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array] | None:
+        """The labels as images (and their validity) for the backbone, when its input or the latent loss needs
+        them."""
+        if self.latent_loss_weight or self.perceiver.backbone.needs_label_latent:
+            return self.task.label_image(labels)
+        return None
 
     def labels(self, state: TrainState, frozen: Any, batch: Batch, context: jax.Array, rng: jax.Array,
                feats: list[jax.Array] | None = None) -> dict[str, jax.Array]:
@@ -91,13 +109,22 @@ class Steps:
         feats = None if trainable_features else self.perceiver.block_outputs(state.params, frozen, images, context,
                                                                          feat_rng, moments, train=True)
         labels = self.labels(state, frozen, batch, context, label_rng, feats)
+        targets = self._latent_targets(labels)
 
         def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-            f = (self.perceiver.block_outputs(params, frozen, images, context, feat_rng, moments, train=True)
-                 if trainable_features else feats)
+            latent_loss = 0.0
+            if trainable_features:
+                features = self.perceiver.features(params, frozen, images, context, feat_rng, moments, train=True,
+                                                   targets=targets)
+                f = features.block_outputs()
+                if self.latent_loss_weight:
+                    latent_loss = self.latent_loss_weight * features.latent_error
+            else:
+                f = feats
             out, new_stats = self.perceiver.head(params, state.batch_stats, f, size, train=True,
                                                  **self.task.head_kwargs(labels, sample_rng))
-            return self.task.loss_fn(out, labels), new_stats
+            pixel_loss = self.task.loss_fn(out, labels) * self.pixel_loss_weight if self.pixel_loss_weight else 0.0
+            return pixel_loss + latent_loss, new_stats
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         return apply_gradients(state, self.tx, loss, grads, new_stats, ema_decay=self.ema_decay,

@@ -30,7 +30,13 @@ def make_predictor(config: ml_collections.ConfigDict, head: nn.Module) -> DenseP
 def make_backbone(model: ml_collections.ConfigDict, vae: AutoencoderKL, unet: UNet2DConditionModel,
                   schedule: NoiseSchedule, **unused: Any) -> OneStepBackbone:
     """`config.model.num_steps` DDIM steps at inference (1: GenPercept); the schedule is the checkpoint's with
-    `model.scheduler_overrides` (GenPercept: beta_start = beta_end = 1, v-prediction)."""
-    if not model.train_unet:
-        raise ValueError("config.model.features='one_step' fine-tunes the UNet: set config.model.train_unet=True")
-    return OneStepBackbone(vae=vae, unet=unet, schedule=schedule, num_steps=model.get("num_steps", 1))
+    `model.scheduler_overrides` (GenPercept: beta_start = beta_end = 1, v-prediction); `model.noise` what the label
+    latent is blended with ("rgb": GenPercept / DMP, "gaussian": Marigold's, with the RGB latent concatenated)."""
+    if model.unet_tuning == "frozen":
+        raise ValueError("config.model.features='one_step' fine-tunes the UNet: set config.model.unet_tuning to "
+                         "'full' or 'lora'")
+    noise = model.get("noise", "rgb")
+    if noise == "gaussian" and model.unet_tuning != "full":
+        raise ValueError("config.model.noise='gaussian' (Marigold) widens the UNet's conv_in to 8 channels, which "
+                         "LoRA does not train: set config.model.unet_tuning='full'")
+    return OneStepBackbone(vae=vae, unet=unet, schedule=schedule, num_steps=model.get("num_steps", 1), noise=noise)
