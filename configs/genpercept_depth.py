@@ -67,6 +67,8 @@ def set_one_step_model(c: ml_collections.ConfigDict) -> None:
     c.model.num_steps = 1  # paper.yaml validation.denoising_steps: 1 (t = 1)
     c.model.noise = "rgb"  # trainer: the RGB latent as the noise; "gaussian": Marigold's (RGB latent concatenated,
     # the beta_values ablation configs' rgb_blending false), with smaller betas and more steps: Table 1
+    c.model.multi_res_noise = 0.9  # noise = "gaussian" only: the Marigold configs' multi_res_noise.strength (0: white)
+    c.model.multi_res_annealed = True  # multi_res_noise.annealed
     c.model.pixel_loss_weight = 1.0  # the customized (pixel) losses through the frozen decoder (paper.yaml)
     c.model.latent_loss_weight = 0.0  # loss.name mse_loss on the latent (masked): the "latent MSE" baseline and the
     # Marigold / DMP ablations (set pixel_loss_weight = 0 there)

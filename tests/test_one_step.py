@@ -330,6 +330,18 @@ def test_marigold_style_fine_tune_on_the_latent_loss(sd_path, tmp_path):
 
 
 @pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_dpt_head_fine_tune(sd_path, tmp_path):
+    """GenPercept's DPT read-out (`task.head.type = "dpt"`) with the pixel MSE only: the head and the UNet train."""
+    c = micro_config(sd_path)
+    c.task.head.type, c.task.head.fusion_channels, c.task.loss_weights = "dpt", 16, (1.0, 0.0, 0.0)
+    runner.run(c, tmp_path)
+    params, _ = runner.Run(c, tmp_path).load_model("warmup")
+    assert set(params) == {"head", "unet"} and "head_conv3" in params["head"]["head"]["dpt"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isfinite(metrics["theta_W"]["abs_rel"]) and metrics["theta_W"] != metrics["untrained"]
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
 def test_lora_fine_tune_trains_only_the_factors(sd_path, tmp_path):
     """`model.unet_tuning = "lora"`: the saved model holds the head and the LoRA factors, not a UNet; the factors
     moved from their zero-`up` start, and the run evaluates with the merged UNet."""

@@ -47,6 +47,16 @@ def bias_init(scheme: str, fan_in: int) -> Initializer:
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def torch_conv(x: jax.Array, features: int, k: int, name: str, param_init: str = "pytorch", *, stride: int = 1,
+               use_bias: bool = True) -> jax.Array:
+    """PyTorch `Conv2d(k, stride, padding=k // 2)` on `[B, H, W, C]`, called inside a compact method, initialised by
+    `param_init` (`INITS`)."""
+    p = k // 2
+    return nn.Conv(features, (k, k), strides=(stride, stride), padding=((p, p), (p, p)), use_bias=use_bias,
+                   kernel_init=kernel_init(param_init), bias_init=bias_init(param_init, k * k * x.shape[-1]),
+                   name=name)(x)
+
+
 class TorchBatchNorm(nn.Module):
     """BatchNorm over all axes but the last, with PyTorch's semantics (see the module docstring).
 

@@ -6,8 +6,9 @@ The label latent is the frozen VAE encoder's mean x scale of the label as a `[-1
 - `noise = "rgb"` (GenPercept, DMP): the RGB latent. With β_start = β_end = 1 every ᾱ_t is 0, so x_t is exactly the
   RGB latent, the v-target √ᾱ·rgb - √(1-ᾱ)·label is -(label latent), and the label latent is `predict_x0` of the
   UNet's output, -v: training needs no label latent as input. With ᾱ > 0 (DMP) it blends label and RGB.
-- `noise = "gaussian"` (Marigold): Gaussian noise, the RGB latent concatenated to x_t along channels (the UNet's
-  `conv_in` takes 8 channels, its kernel duplicated and halved from the checkpoint's, Marigold's init).
+- `noise = "gaussian"` (Marigold): Gaussian noise (in training white or Marigold's multi-resolution noise), the RGB
+  latent concatenated to x_t along channels (the UNet's `conv_in` takes 8 channels, its kernel duplicated and halved
+  from the checkpoint's, Marigold's init).
 Training draws t uniformly in [0, num_train_timesteps) per image (GenPercept's and Marigold's trainers); the latent
 error is the MSE of the UNet's output against its target (v, ε or x0 by the schedule's prediction type) over the
 latent cells whose 8 x 8 pixels are all valid, GenPercept's and Marigold's masked latent loss. Inference runs DDIM
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d2i_jax.diffusion.multires_noise import annealed_strength, multi_res_noise
 from d2i_jax.diffusion.sampling import ddim_step, predict_x0
 from d2i_jax.diffusion.schedule import ddim_timesteps, denoiser_target, q_sample
 from d2i_jax.models.vae import Posterior
@@ -59,10 +61,15 @@ class OneStepBackbone(Backbone):
     input is the RGB posterior mean x scaling factor, GenPercept's `encode_rgb`):
       num_steps: DDIM steps at inference (1: GenPercept).
       noise: what the label latent is blended with, `NOISES` (see the module docstring).
+      multi_res_noise: with `noise = "gaussian"`, the training noise is Marigold's multi-resolution noise of this
+        strength (0: white; Marigold / GenPercept's Marigold configs: 0.9), `d2i_jax.diffusion.multires_noise`.
+      multi_res_annealed: the strength scaled by t / num_train_timesteps per example (Marigold's `annealed`).
     """
 
     num_steps: int = 1
     noise: str = "rgb"
+    multi_res_noise: float = 0.0
+    multi_res_annealed: bool = True
     denoises: ClassVar[bool] = False  # the UNet maps RGB latents to label latents: creation uses the frozen SD's
 
     def __post_init__(self) -> None:
@@ -112,6 +119,10 @@ class OneStepBackbone(Backbone):
                 raise ValueError(f"training with noise={self.noise!r} and this schedule (alpha_bar > 0) blends the "
                                  "label latent into the UNet input: pass the labels as images (targets)")
             t = jax.random.randint(rng, (rgb.shape[0],), 0, self.schedule.num_train_timesteps)
+            if self.noise == "gaussian" and self.multi_res_noise:
+                strength = (annealed_strength(self.multi_res_noise, t, self.schedule.num_train_timesteps)
+                            if self.multi_res_annealed else self.multi_res_noise)
+                noise = multi_res_noise(jax.random.fold_in(rng, 1), rgb.shape, strength).astype(rgb.dtype)
             label = None if targets is None else self.label_latent(vae_params, targets[0])
             x_t = noise if label is None else q_sample(self.schedule, label, noise, t)
             out, feats = self.unet_pass(unet_params, self._unet_input(rgb, x_t), t, context)

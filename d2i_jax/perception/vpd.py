@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2i_jax.perception.fusion import resize_bilinear
-from d2i_jax.perception.layers import TorchBatchNorm, bias_init, kernel_init
+from d2i_jax.perception.layers import TorchBatchNorm, bias_init, kernel_init, torch_conv
 
 __all__ = [
     "ConvBNReLU",
@@ -45,15 +45,6 @@ def channel_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """`nn.Dropout2d(rate)` in training, `[B, H, W, C]`: whole channels of a sample zeroed, the rest / (1 - rate)."""
     keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0], 1, 1, x.shape[-1]))
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
-def _conv(x: jax.Array, features: int, k: int, name: str, param_init: str, *, stride: int = 1,
-          use_bias: bool = True) -> jax.Array:
-    """PyTorch `Conv2d(k, stride, padding=k // 2)`."""
-    p = k // 2
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding=((p, p), (p, p)), use_bias=use_bias,
-                   kernel_init=kernel_init(param_init), bias_init=bias_init(param_init, k * k * x.shape[-1]),
-                   name=name)(x)
 
 
 def _group_norm(x: jax.Array, groups: int, name: str) -> jax.Array:
@@ -100,7 +91,7 @@ class ConvBNReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = _conv(x, self.features, 3, "conv", self.param_init, use_bias=False)
+        x = torch_conv(x, self.features, 3, "conv", self.param_init, use_bias=False)
         return nn.relu(TorchBatchNorm(name="bn")(x, train=train))
 
 
@@ -119,10 +110,10 @@ class FPNNeck(nn.Module):
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
         """`features`: `[B, h_i, w_i, C_i]`, fine to coarse. Returns one `[B, h_i, w_i, out_channels]` per level."""
-        laterals = [_conv(f, self.out_channels, 1, f"lateral{i}", self.param_init) for i, f in enumerate(features)]
+        laterals = [torch_conv(f, self.out_channels, 1, f"lateral{i}", self.param_init) for i, f in enumerate(features)]
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + resize_nearest(laterals[i], laterals[i - 1].shape[1:3])
-        return [_conv(x, self.out_channels, 3, f"fpn{i}", self.param_init) for i, x in enumerate(laterals)]
+        return [torch_conv(x, self.out_channels, 3, f"fpn{i}", self.param_init) for i, x in enumerate(laterals)]
 
 
 class FPNHead(nn.Module):
@@ -171,7 +162,7 @@ class FPNHead(nn.Module):
             out = x if out is None else out + resize_bilinear(x, out.shape[1:3])
         if dropout:
             out = channel_dropout(out, self.dropout_ratio, dropout_key)
-        return _conv(out, self.num_classes, 1, "conv_seg", self.param_init)
+        return torch_conv(out, self.num_classes, 1, "conv_seg", self.param_init)
 
 
 class SemanticFPN(nn.Module):
@@ -257,12 +248,12 @@ class VPDDepthDecoder(nn.Module):
             raise ValueError("deconv_channels and deconv_kernels must have the same length")
         pi = self.param_init
         f8, f16, f32, f64 = features
-        a = _conv(f8, f8.shape[-1], 3, "layer1_conv1", pi, stride=2)
-        a = _conv(nn.relu(_group_norm(a, self.num_groups, "layer1_norm")), f8.shape[-1], 3, "layer1_conv2", pi,
-                  stride=2)
-        b = _conv(f16, f16.shape[-1], 3, "layer2_conv", pi, stride=2)
+        a = torch_conv(f8, f8.shape[-1], 3, "layer1_conv1", pi, stride=2)
+        a = torch_conv(nn.relu(_group_norm(a, self.num_groups, "layer1_norm")), f8.shape[-1], 3, "layer1_conv2", pi,
+                       stride=2)
+        b = torch_conv(f16, f16.shape[-1], 3, "layer2_conv", pi, stride=2)
         c = jnp.concatenate([f32, resize_nearest(f64, (2 * f64.shape[1], 2 * f64.shape[2]))], axis=-1)
-        x = _conv(jnp.concatenate([a, b, c], axis=-1), self.encoder_channels, 1, "out_conv", pi)
+        x = torch_conv(jnp.concatenate([a, b, c], axis=-1), self.encoder_channels, 1, "out_conv", pi)
         x = nn.relu(_group_norm(x, self.num_groups, "out_norm"))
         if valid_size is not None:
             if valid_size[0] % 32 or valid_size[1] % 32:
@@ -274,12 +265,12 @@ class VPDDepthDecoder(nn.Module):
             x = nn.ConvTranspose(c_out, (k, k), strides=(2, 2), padding=((k - 1 - p, k - 1 - p + op),) * 2,
                                  use_bias=False, kernel_init=kernel_init(pi, transpose=True), name=f"deconv{i}")(x)
             x = nn.relu(TorchBatchNorm(name=f"deconv_norm{i}")(x, train=train))
-        x = _conv(x, self.decoder_channels, 3, "conv", pi)
+        x = torch_conv(x, self.decoder_channels, 3, "conv", pi)
         x = nn.relu(TorchBatchNorm(name="conv_norm")(x, train=train))
         for _ in range(2):
             x = resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))
-        x = nn.relu(_conv(x, self.decoder_channels, 3, "depth_conv1", pi))
-        x = _conv(x, 1, 3, "depth_conv2", pi)
+        x = nn.relu(torch_conv(x, self.decoder_channels, 3, "depth_conv1", pi))
+        x = torch_conv(x, 1, 3, "depth_conv2", pi)
         return jax.nn.sigmoid(x) * self.max_depth if self.activation else x
 
 

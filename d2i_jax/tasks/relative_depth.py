@@ -9,7 +9,8 @@ gradient matching, on prediction and target shifted from [-1, 1] to [1, 3] (`gen
 
 `config.task` fields: `space`, `quantile` (0.02), `clip` (True), `loss_weights` (MSE, SSI, gradient: 1, 0.5, 2),
 the evaluation's `min_depth` / `max_depth` (valid GT range, and the range aligned predictions are clipped to),
-`eigen_crop`, and `head` (`type` "one_step": GenPercept's decoder read-out, the default).
+`eigen_crop`, and `head` (`type` "one_step": GenPercept's decoder read-out, the default; "dpt": its DPT head on the
+UNet's up-block outputs, `fusion_channels` and `activation` as `d2i_jax.perception.dpt_head.DPTDepth`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_npy_atomically, write_png_atomically
 from d2i_jax.metrics import AlignedDepthErrorAccumulator
+from d2i_jax.perception.dpt_head import DPTDepth
 from d2i_jax.perception.one_step import DecodedDepth
 from d2i_jax.relative_depth_losses import genpercept_depth_loss
 from d2i_jax.tasks.base import head_choice, task_fields
 from d2i_jax.tasks.depth import DepthTask
 
-HEAD_TYPES = ("one_step",)
+HEAD_TYPES = ("one_step", "dpt")
 SPACES = ("depth", "disparity")
 
 
@@ -83,8 +85,8 @@ class RelativeDepthTask(DepthTask):
             raise ValueError(f"task.space must be one of {SPACES}, got {self.space!r}")
 
     def make_head(self) -> nn.Module:
-        head_choice(self.head, HEAD_TYPES)
-        return DecodedDepth()
+        kind, fields = head_choice(self.head, HEAD_TYPES)
+        return DPTDepth(**fields) if kind == "dpt" else DecodedDepth(**fields)
 
     def prediction(self, outputs: jax.Array) -> jax.Array:
         return outputs.astype(jnp.float32)

@@ -39,4 +39,6 @@ def make_backbone(model: ml_collections.ConfigDict, vae: AutoencoderKL, unet: UN
     if noise == "gaussian" and model.unet_tuning != "full":
         raise ValueError("config.model.noise='gaussian' (Marigold) widens the UNet's conv_in to 8 channels, which "
                          "LoRA does not train: set config.model.unet_tuning='full'")
-    return OneStepBackbone(vae=vae, unet=unet, schedule=schedule, num_steps=model.get("num_steps", 1), noise=noise)
+    return OneStepBackbone(vae=vae, unet=unet, schedule=schedule, num_steps=model.get("num_steps", 1), noise=noise,
+                           multi_res_noise=model.get("multi_res_noise", 0.0),
+                           multi_res_annealed=model.get("multi_res_annealed", True))
