@@ -3,11 +3,11 @@ RGB latent to the (affine-invariant) depth latent, read out by the frozen VAE de
 
     python -m d2i_jax.main --config configs/genpercept_depth.py --workdir /ckpt/genpercept_depth \
         --config.sd_path=/data/stable-diffusion-2-1 --config.data.root=/data/hypersim \
-        --config.evaluate.data.root=/data/nyuv2
+        --config.data.mix.vkitti.root=/data/vkitti --config.evaluate.data.root=/data/nyuv2
 
-The `warmup` stage is the fine-tune (its model is the GenPercept model). Diff-2-in-1 on top of it is not there yet:
-the `create` stage would sample with the fine-tuned UNet and the beta = 1 schedule, where it needs the frozen SD UNet
-and the checkpoint's own schedule. Values from aim-uofa/GenPercept cite its files: `paper.yaml` =
+The `warmup` stage is the fine-tune (its model is the GenPercept model), on the Hypersim + Virtual KITTI mix; the
+later stages of Diff-2-in-1 on top of it (configs/genpercept_diff2in1.py) read `data.name` (Hypersim). Values from
+aim-uofa/GenPercept cite its files: `paper.yaml` =
 `config/main_paper/sd21_train_genpercept_exr_1card_ensure_depth_bs8_per_accu_pixel_mse_ssi_grad_loss.yaml`,
 `trainer.py` = `src/trainer/genpercept_trainer.py`, `scheduler.json` = `hf_configs/scheduler_beta_1.0_1.0/
 scheduler_config.json`, `lr_scheduler.py` = `src/util/lr_scheduler.py`, `depth_transform.py` =
@@ -26,13 +26,21 @@ def get_config() -> ml_collections.ConfigDict:
     set_one_step_model(c)
     set_relative_depth_task(c)
 
-    c.data.name = "hypersim"  # data.yaml: hypersim (prob 0.9) + vkitti (0.1) mixed; deviation: Hypersim only
+    c.data.name = "hypersim"  # data.yaml: hypersim (prob 0.9) + vkitti (0.1), `data.mix` below
     c.data.root = ""  # required
     c.data.train_split = "train"
     c.data.image_size = (480, 640)  # data.yaml resize_to_hw
     c.data.augment.kind = "bae"
     c.data.augment.hflip = True  # paper.yaml augmentation.lr_flip_p: 0.5
     c.data.augment.color_jitter = 0.0
+    c.data.mix = ml_collections.ConfigDict()  # data.yaml name: mixed, prob_ls [0.9, 0.1]: each batch from one dataset
+    c.data.mix.hypersim = ml_collections.ConfigDict()  # config.data's own keys (root, resize_to_hw 480 x 640)
+    c.data.mix.hypersim.prob = 0.9
+    c.data.mix.vkitti = ml_collections.ConfigDict()
+    c.data.mix.vkitti.prob = 0.1
+    c.data.mix.vkitti.root = ""  # required: the Virtual KITTI folder (or tar) in Marigold's layout
+    c.data.mix.vkitti.kb_crop = True  # data.yaml kitti_bm_crop: true (no resize_to_hw: trained at the crop's size)
+    c.data.mix.vkitti.image_size = (352, 1216)
 
     c.train.batch_size = 8  # paper.yaml max_train_batch_size
     c.train.accumulate_steps = 4  # paper.yaml effective_batch_size 32 = 8 x 4

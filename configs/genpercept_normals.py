@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.head.type = "one_step"  # the decoded image as xyz, normalised
 
     c.data.image_size = (768, 768)  # data.yaml resize_to_hw
+    c.data.mix = None  # Hypersim only (the normal data.yaml has no Virtual KITTI)
     c.data.augment.hflip = True  # paper.yaml lr_flip_p 0.5 (n_x negated with the flip)
     c.train.batch_size = 4  # paper.yaml max_train_batch_size
     c.train.accumulate_steps = 8  # paper.yaml effective_batch_size 32 = 4 x 8

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from d2i_jax import stages
 from d2i_jax.data import get_source, seg_augment
+from d2i_jax.data.mixture import Mixture
 from d2i_jax.data.nyu import Augment, augment
 from d2i_jax.data.pipeline import RandomAccessSource
 from d2i_jax.data.robust import ON_BAD_FILE, SkipBadFiles, Without, check_files
@@ -287,11 +288,37 @@ class Run:
         `training`: the examples `fit` augments (`augmentation`), as stored when the augmentation crops them to the
         input size itself (`data.augment.kind = "mmseg_seg"`). `evaluation`: `config.data` with the overrides of
         `config.evaluate.data` (e.g. train on Hypersim, evaluate on NYUv2)."""
-        cfg = self.data_config(evaluation)
+        return self._data_source(self.data_config(evaluation), split, native_size=native_size, training=training)
+
+    def _data_source(self, cfg: ml_collections.ConfigDict, split: str, *, native_size: bool = False,
+                     training: bool = False) -> RandomAccessSource:
         native_size = native_size or (training and cfg.augment.kind == "mmseg_seg")
         source = get_source(cfg, split, size=None if native_size else tuple(cfg.image_size),
                             label_keys=self.task.label_keys, workdir=self.workdir, seed=self.config.seed)
         return self._guarded(source, f"{cfg.name}/{split}")
+
+    def training_source(self) -> RandomAccessSource | Mixture:
+        """The warm-up's training examples: `source(data.train_split, training=True)`, or with `config.data.mix`
+        (`{name: {prob, overrides of config.data}}`) a `Mixture` of those datasets, each batch drawn from one of
+        them (GenPercept / Marigold: Hypersim 0.9, Virtual KITTI 0.1); a dataset without its own `root` reads
+        `data.root`."""
+        mix = self.config.data.get("mix")
+        if not mix:
+            return self.source(self.config.data.train_split, training=True)
+        sources, probs = [], []
+        for name, entry in mix.items():
+            cfg = self.config.data.copy_and_resolve_references()
+            with cfg.unlocked():
+                cfg.update({k: v for k, v in entry.items() if k != "prob"}, name=name)
+                cfg.mix = None
+            if not cfg.get("root"):
+                raise ValueError(f"config.data.mix.{name}.root is empty (nor is config.data.root set): give the folder "
+                                 f"holding the {name} data")
+            sources.append(self._data_source(cfg, cfg.train_split, training=True))
+            probs.append(float(entry.get("prob", 0.0)))
+        mixture = Mixture(tuple(sources), tuple(probs), tuple(mix))
+        print(f"[data] training mixture: {mixture}")
+        return mixture
 
     def data_config(self, evaluation: bool = False) -> ml_collections.ConfigDict:
         """`config.data`, or for evaluation with `config.evaluate.data`'s keys (when set) replacing its own."""

@@ -261,6 +261,8 @@ def test_recipe_configs_carry_genpercepts_values():
     assert (depth.task.name, depth.task.space, depth.task.quantile, tuple(depth.task.loss_weights)) == (
         "relative_depth", "depth", 0.02, (1.0, 0.5, 2.0))
     assert depth.train.batch_size == 8 and tuple(depth.data.image_size) == (480, 640)
+    assert (depth.data.mix.hypersim.prob, depth.data.mix.vkitti.prob, depth.data.mix.vkitti.kb_crop) == (0.9, 0.1, True)
+    assert not normals.data.mix
     assert (depth.task.min_depth, depth.task.max_depth, depth.task.eigen_crop) == (1e-3, 10.0, True)
     assert (normals.task.name, normals.task.loss, normals.task.head.type) == ("normals", "angular", "one_step")
     assert normals.train.batch_size == 4 and tuple(normals.data.image_size) == (768, 768)

@@ -3,7 +3,8 @@
 The pipeline is a `grain.MapDataset` chain, so every element is addressed by its index: the iterator's state is a
 small dict (`get_state()` / `set_state()`, or orbax through `grain.checkpoint`), and restoring it reproduces the
 next batch exactly. Each epoch is shuffled differently (the shuffle seed is folded with the epoch) and batched on
-its own, so `drop_remainder` means "per epoch" and no batch mixes two epochs.
+its own, so `drop_remainder` means "per epoch" and no batch mixes two epochs. A `Mixture` of datasets is read batch
+by batch from one dataset at a time (`d2i_jax.data.mixture.MixedBatches`), also addressed by index.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from absl import flags
 
 from d2i_jax.data.fingerprint import combined
+from d2i_jax.data.mixture import MixedBatches, Mixture
 
 
 class RandomAccessSource(Protocol):
@@ -73,7 +75,7 @@ def shard(ds: grain.MapDataset, index: int, count: int, *, equal: bool) -> grain
 
 
 def make_loader(
-    source: RandomAccessSource,
+    source: RandomAccessSource | Mixture,
     *,
     batch_size: int,
     shuffle: bool = True,
@@ -90,7 +92,8 @@ def make_loader(
     """Build the per-process batch iterator over `source`.
 
     Args:
-      source: random-access examples (dicts), e.g. `d2i_jax.data.nyu.NyuNormals`.
+      source: random-access examples (dicts), e.g. `d2i_jax.data.nyu.NyuNormals`; or a `Mixture` of several, each
+        batch drawn from one of them (`d2i_jax.data.mixture`).
       batch_size: examples per batch *on this process*.
       shuffle: reshuffle every epoch (deterministically from `seed` and the epoch).
       seed: seed of the shuffle and of `random_map`.
@@ -108,9 +111,12 @@ def make_loader(
     Returns:
       A `grain.DatasetIterator` of dict batches (see `collate`); it has `get_state()` and `set_state(state)`.
     """
-    ds = grain.MapDataset.source(source)
-    if shard_by_process:
-        ds = shard(ds, jax.process_index(), jax.process_count(), equal=drop_remainder)
+    if isinstance(source, Mixture):
+        ds = MixedBatches([_sharded(s, shard_by_process, drop_remainder) for s in source.sources], source.probs,
+                          batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs, batch_fn=batch_fn,
+                          random_map=random_map)
+        return _iterate(ds, read_threads, prefetch_batches, worker_count)
+    ds = _sharded(source, shard_by_process, drop_remainder)
     if len(ds) == 0 or (drop_remainder and len(ds) < batch_size):
         raise ValueError(f"{len(ds)} examples on this process cannot fill a batch of {batch_size} ({source!r})")
     if shuffle:
@@ -120,6 +126,25 @@ def make_loader(
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
+    return _iterate(ds, read_threads, prefetch_batches, worker_count)
+
+
+def batches_per_epoch(source: RandomAccessSource | Mixture, batch_size: int, processes: int = 1) -> int:
+    """Batches of `batch_size` per process in one epoch of `source` (`make_loader`'s, remainders dropped): of each
+    dataset of a `Mixture`, summed."""
+    sources = source.sources if isinstance(source, Mixture) else (source,)
+    return sum(len(s) // processes // batch_size for s in sources)
+
+
+def _sharded(source: RandomAccessSource, shard_by_process: bool, drop_remainder: bool) -> grain.MapDataset:
+    ds = grain.MapDataset.source(source)
+    if shard_by_process:
+        ds = shard(ds, jax.process_index(), jax.process_count(), equal=drop_remainder)
+    return ds
+
+
+def _iterate(ds: grain.MapDataset, read_threads: int, prefetch_batches: int, worker_count: int
+             ) -> grain.DatasetIterator:
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
     if worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside `absl.app.run` use the defaults

@@ -9,6 +9,7 @@ import ml_collections
 import optax
 
 from d2i_jax.data.latent_cache import WithMoments, cache_file, encode_moments
+from d2i_jax.data.mixture import Mixture
 from d2i_jax.training.steps import LRSchedule, make_optimizer
 
 if TYPE_CHECKING:
@@ -50,6 +51,9 @@ def with_cached_latents(r: Run, stage: str, sources: dict[str, Any]) -> dict[str
     if r.augmentation() is not None:
         print(f"[{stage}] model.cache_latents: off, data augmentation changes the images every epoch")
         return sources
+    if any(isinstance(s, Mixture) for s in sources.values()):
+        print(f"[{stage}] model.cache_latents: off for a dataset mixture (config.data.mix)")
+        return sources
     fingerprint = json.dumps({"sd_path": r.config.sd_path, "dtype": str(r.sd.vae.dtype)})  # re-encode on change
     cached = {}
     for name, source in sources.items():
@@ -64,7 +68,7 @@ def run(r: Run) -> None:
     if r.config.init_from:
         print(f"[warmup] config.init_from is set: theta_W is {r.model_dir('warmup')}, nothing to train")
         return
-    source = with_cached_latents(r, "warmup", {"train": r.source(r.config.data.train_split, training=True)})["train"]
+    source = with_cached_latents(r, "warmup", {"train": r.training_source()})["train"]
     epochs, max_steps = schedule_length(r.config, len(source))
     tx = optimizer(r.config, len(source), epochs)
     params, batch_stats = r.init_model()

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from d2i_jax.data import keys
-from d2i_jax.data.pipeline import RandomAccessSource, make_loader
+from d2i_jax.data.pipeline import RandomAccessSource, batches_per_epoch, make_loader
 from d2i_jax.training.checkpoint import Checkpointer
 from d2i_jax.training.sharding import batch_sharding, global_batch, replicated, shardings_of
 from d2i_jax.training.state import TrainState
@@ -125,7 +125,7 @@ def fit(stage: str, steps: StepFunctions, state: TrainState, source: RandomAcces
     local_batch = options.batch_size // n_proc
     loader = make_loader(source, batch_size=local_batch, shuffle=shuffle, seed=options.seed, num_epochs=epochs,
                          drop_remainder=True, worker_count=options.num_workers, random_map=random_map)
-    total = epochs * (len(source) // n_proc // local_batch)
+    total = epochs * batches_per_epoch(source, local_batch, n_proc)
     total = min(total, max_steps) if max_steps > 0 else total
     if total == 0:
         raise ValueError(f"{stage}: {len(source)} examples do not fill one batch of {options.batch_size}")
