@@ -17,12 +17,7 @@ from configs import genpercept_depth
 
 def get_config() -> ml_collections.ConfigDict:
     c = genpercept_depth.get_config()
-
-    c.task = ml_collections.ConfigDict()
-    c.task.name = "normals"
-    c.task.loss = "angular"  # paper.yaml loss.name: angular_loss (losses.py: mean acos of the cosine, no kappa)
-    c.task.head = ml_collections.ConfigDict()
-    c.task.head.type = "one_step"  # the decoded image as xyz, normalised
+    set_normals_task(c)
 
     c.data.image_size = (768, 768)  # data.yaml resize_to_hw
     c.data.mix = None  # Hypersim only (the normal data.yaml has no Virtual KITTI)
@@ -37,3 +32,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.evaluate.data.image_size = (480, 640)
     c.evaluate.protocol = "exact"
     return c
+
+
+def set_normals_task(c: ml_collections.ConfigDict) -> None:
+    """GenPercept's normal target, loss and read-out."""
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "normals"
+    c.task.loss = "angular"  # paper.yaml loss.name: angular_loss (losses.py: mean acos of the cosine, no kappa)
+    c.task.head = ml_collections.ConfigDict()
+    c.task.head.type = "one_step"  # the decoded image as xyz, normalised

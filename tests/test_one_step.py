@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import demo_genpercept, genpercept_depth, genpercept_diff2in1, genpercept_normals
-from d2i_jax import runner
+from d2i_jax import predict, runner
 from d2i_jax.data import keys
 from d2i_jax.diffusion.sampling import ddim_sample, predict_x0
 from d2i_jax.diffusion.schedule import NoiseSchedule, ddim_timesteps, q_sample, velocity
@@ -401,6 +402,24 @@ def test_predict_on_a_one_step_model_equals_the_evaluate_stages_path(finished):
     assert got.shape == want["model"][0].shape and np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want["model"][0], rtol=1e-4, atol=1e-4)
     assert np.std(got) > 0  # a depth map, not a constant
+
+
+@pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
+def test_predict_a_folder_with_a_corrupt_image_on_the_fine_tuned_model(finished, tmp_path, capsys):
+    """`python -m d2i_jax.predict`'s work on the micro fine-tune's model, over a folder with one corrupt file: it is
+    named and the others are written (depth `.npy` at each photo's size and its colour map)."""
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a", (48, 80)), ("b", (64, 64))):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), np.uint8)).save(folder / f"{name}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    assert predict.cli(str(finished), [str(folder)], str(out), progress=False) == 0  # the command line's work
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "2 of 3 images predicted" in captured.out
+    for name, size in (("a", (48, 80)), ("b", (64, 64))):
+        assert np.load(out / f"{name}.npy").shape == (*size, 1)
+        assert np.asarray(Image.open(out / f"{name}_depth.png")).shape == (*size, 3)
 
 
 @pytest.mark.slow  # tiny UNet passes: minutes on 2 cores; run with -m slow
