@@ -131,7 +131,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.create.label_pass = "denoise"  # theta_W labels each image from the last denoising step's UNet features
     # (Diff-2-in-1); "perception": the generated RGB through the perception path (a feature path whose latents,
     # context or attention maps differ from the denoising pass's, e.g. VPD's)
-    c.create.num_images = -1  # public code: one per training image (795); paper: 500 on NYUv2 normals
+    c.create.num_images = -1  # public code: one per training image (795); paper: 500 on NYUv2 normals; more than
+    # the training images: several creations of each (its own noise each), training image i % N for creation i
     c.create.batch_size = 8
     c.create.seed = 0
 

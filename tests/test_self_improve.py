@@ -118,3 +118,33 @@ def test_teacher_switch_is_checked_and_missing_labels_are_named(run, created):
             SyntheticImages(run.workdir / "create", run.task, labels=True)
     finally:
         label.with_suffix(".bak").rename(label)
+
+
+def test_more_creations_than_training_images_cycle_through_them_with_their_own_noise(run, tmp_path, monkeypatch):
+    """`create.num_images` above the training set's size: creation i is made from training image i % N, each with
+    the noise of its own id (the generator's rngs), all written and listed in the manifest."""
+    seen = []
+
+    def record(frozen, params, batch_stats, context, uncond, rngs, images, latent_shape, perception_context=None):
+        jax.debug.callback(lambda k, x: seen.append((np.asarray(jax.random.key_data(k)), np.asarray(x))), rngs,
+                           images)
+        return images, jnp.broadcast_to(jnp.append(jnp.asarray(UP), 1.0), (*images.shape[:3], 4))
+
+    record.timesteps = np.array([1])
+    monkeypatch.setattr(create, "generator", lambda r, cfg: record)
+    monkeypatch.setattr(run, "stage_dir", lambda name: (tmp_path / name).mkdir(exist_ok=True) or tmp_path / name)
+    with run.config.unlocked():
+        run.config.create.num_images = 10
+    try:
+        create.run(run)
+    finally:
+        with run.config.unlocked():
+            run.config.create.num_images = -1
+    jax.effects_barrier()
+    manifest = [json.loads(x) for x in (tmp_path / "create" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["source_id"] for m in manifest] == [i % 4 for i in range(10)]
+    assert len(list((tmp_path / "create" / "img").glob("*.png"))) == 10
+    keys_ = np.concatenate([k for k, _ in seen])
+    images = np.concatenate([x for _, x in seen])
+    assert len({k.tobytes() for k in keys_}) == 10  # every creation its own noise
+    np.testing.assert_array_equal(images[5], images[1])  # creation 5 re-uses training image 1

@@ -76,7 +76,8 @@ def run(r: Run) -> None:
     for sub in ("img", "caption", "label"):
         (out / sub).mkdir(exist_ok=True)
     source = r.source(r.config.data.train_split)
-    count = len(source) if cfg.num_images < 0 else min(cfg.num_images, len(source))
+    count = len(source) if cfg.num_images < 0 else cfg.num_images  # beyond len(source): the training images again,
+    # each creation with its own noise (image i is made from training image i % len(source))
     if count == 0:
         print("[create] create.num_images = 0: no synthetic images (self_improve then trains on real data only)")
         return
@@ -106,7 +107,7 @@ def run(r: Run) -> None:
     manifest = (out / "manifest.jsonl").open("a") if writer else None
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc="create", unit="batch"):
         ids = todo[start:start + cfg.batch_size]
-        examples = [source[i] for i in ids]  # every process reads the whole batch and feeds its own rows
+        examples = [source[i % len(source)] for i in ids]  # every process reads the whole batch, feeds its rows
         captions = [e[keys.CAPTION] for e in examples]
         batch = {keys.IMAGE: np.stack([e[keys.IMAGE] for e in examples]), keys.ID: np.asarray(ids, np.int32),
                  "context": contexts(r, captions), **label_inputs(r, cfg, captions)}
@@ -120,7 +121,7 @@ def run(r: Run) -> None:
             task.write_label(out / "label", name, pred[k])
             write_atomically(out / "caption" / f"{name}.txt", captions[k].encode())
             write_png_atomically(out / "img" / f"{name}.png", viz.image_to_uint8(rgb[k]))  # last: marks done
-            manifest.write(json.dumps({"id": i, "source_id": i, "seed": cfg.seed, "source": cfg.source,
+            manifest.write(json.dumps({"id": i, "source_id": i % len(source), "seed": cfg.seed, "source": cfg.source,
                                        "T": cfg.T if cfg.source == "partial" else None,
                                        "steps": cfg.num_steps, "timesteps": [int(t) for t in gen.timesteps],
                                        "guidance": cfg.guidance_scale, "use_captions": cfg.use_captions,
