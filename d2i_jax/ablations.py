@@ -99,9 +99,15 @@ class Ablations:
         name = f"{v}{'@' + tag if tag else ''}/n{size}_seed{seed}"
         if v == "a":
             si_epochs = overrides.get("self_improve.epochs", self.config.self_improve.epochs)
-            extra = si_epochs * 2  # the self-improving steps: (N real + N synthetic) / batch per epoch
+            created = overrides.get("create.num_images", self.config.create.num_images)
+            created = size if created < 0 else created
+            # as many steps as the self-improving epochs over N real + the created images: N-image warm-up epochs
+            extra = si_epochs * (size + created) / size
+            if extra != int(extra):
+                raise ValueError(f"(a) cannot match {si_epochs} self-improving epochs over {size} + {created} images "
+                                 "with whole warm-up epochs")
             c = self.derived(seed, size, sd_path=priors[prior], stages=("warmup", "evaluate"),
-                             **{"warmup.epochs": self.config.warmup.epochs + extra})
+                             **{"warmup.epochs": self.config.warmup.epochs + int(extra)})
             return self.run(name, c)
         overrides = {"sd_path": priors[prior], "init_from": init, "stages": stages, **overrides}
         if v == "b":
@@ -129,7 +135,7 @@ class Ablations:
                 tag = f"{key}={value}" if setting else ""
                 rows[f"{key}={value}"] = {"e": [_figures(self.variant("e", priors, s, size, tag, **setting), "e")
                                    for s in cfg.seeds]}
-                if key == "self_improve.epochs":
+                if key in ("self_improve.epochs", "create.num_images"):
                     rows[f"{key}={value}"]["a"] = [_figures(self.variant("a", priors, s, size, tag, **setting), "a")
                                       for s in cfg.seeds]
         return rows

@@ -40,7 +40,8 @@ def test_tuning_runs_each_setting_on_validation_scenes_next_to_a_as_long(tmp_pat
     self-improving length, every run on the validation scenes; the runs are recorded, not trained."""
     config = demo_tuning.get_config()
     with config.unlocked():
-        config.ablations.tune = (("create.T", (300, 600)), ("self_improve.epochs", (5, 10)))
+        config.ablations.tune = (("create.T", (300, 600)), ("self_improve.epochs", (5, 10)),
+                                 ("create.num_images", (144,)))
     ran = {}
 
     def fake_run(self, name, c):
@@ -52,7 +53,8 @@ def test_tuning_runs_each_setting_on_validation_scenes_next_to_a_as_long(tmp_pat
 
     monkeypatch.setattr(Ablations, "run", fake_run)
     rows = Ablations(config, tmp_path).tune({"learned": "/prior", "random": "/random"})
-    assert set(rows) == {"create.T=300", "create.T=600", "self_improve.epochs=5", "self_improve.epochs=10"}
+    assert set(rows) == {"create.T=300", "create.T=600", "self_improve.epochs=5", "self_improve.epochs=10",
+                         "create.num_images=144"}
     assert set(rows["self_improve.epochs=10"]) == {"e", "a"} and set(rows["create.T=300"]) == {"e"}
     assert all(len(by_seed) == len(config.ablations.seeds) for r in rows.values() for by_seed in r.values())
     assert ran["e@create.T=300/n48_seed1"].create.T == 300 and "e@create.T=600/n48_seed0" not in ran
@@ -61,4 +63,7 @@ def test_tuning_runs_each_setting_on_validation_scenes_next_to_a_as_long(tmp_pat
     assert si.self_improve.epochs == 10 and si.init_from.endswith("theta_W/learned_n48_seed0/warmup")
     long_a = ran["a@self_improve.epochs=10/n48_seed0"]
     assert long_a.warmup.epochs == config.warmup.epochs + 2 * 10 and ran["a/n48_seed0"].warmup.epochs == 15 + 2 * 5
+    # 3 creations per labelled room: each self-improving epoch is 4 warm-up epochs' worth of steps
+    assert ran["a@create.num_images=144/n48_seed0"].warmup.epochs == 15 + 4 * 5
+    assert ran["e@create.num_images=144/n48_seed0"].create.num_images == 144
     assert all(c.data.scenes.held_out == "val" and c.sd_path in ("/prior", "") for c in ran.values())
