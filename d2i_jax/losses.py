@@ -111,10 +111,18 @@ def l2(pred: jax.Array, gt: jax.Array, mask: jax.Array) -> jax.Array:
     return _masked_mean(per_pixel, valid)
 
 
+def l1(pred: jax.Array, gt: jax.Array, mask: jax.Array) -> jax.Array:
+    """InvPT's multi-task normal loss: the L1 distance sum_c |n̂_c - n_c| averaged over the GT mask alone (no |cos|
+    cut: it has no acos). Same arguments and return as `ug_angmf`."""
+    per_pixel = jnp.sum(jnp.abs(pred[..., :3].astype(jnp.float32) - gt.astype(jnp.float32)), axis=-1)
+    return _masked_mean(per_pixel, mask.astype(bool).reshape(per_pixel.shape))
+
+
 NORMAL_LOSSES: dict[str, NormalLoss] = {
     "ug_angmf": ug_angmf,
     "ug_vmf": ug_vmf,
     "angular": angular,
     "l2": l2,
+    "l1": l1,
 }
 UNCERTAINTY_GUIDED = frozenset({"ug_angmf", "ug_vmf"})  # scored on the 1/8 map and the three sampled levels

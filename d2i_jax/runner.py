@@ -38,7 +38,7 @@ from d2i_jax.models.random_sd import TINY_UNET, write_random_sd
 from d2i_jax.models.unet import UNet2DConditionModel
 from d2i_jax.models.vae import AutoencoderKL
 from d2i_jax.perception.backbone import Backbone
-from d2i_jax.perception.feature_paths import backbone_factory, make_predictor
+from d2i_jax.perception.feature_paths import backbone_factory, load_pretrained, make_predictor
 from d2i_jax.perception.model import Perceiver
 from d2i_jax.perception.vpd import TextAdapter
 from d2i_jax.tasks import Task, get_task
@@ -74,9 +74,7 @@ def make_backbone(model: ml_collections.ConfigDict, vae: AutoencoderKL, unet: UN
     factory = backbone_factory(model.features)
     if factory is not None:
         return factory(model, vae, unet, schedule)
-    return Backbone(vae=vae, unet=unet, schedule=schedule, t_feat=model.t_feat,
-                    sample_posterior=model.sample_posterior, scale_latents=model.scale_latents,
-                    noise_features=model.noise_features, attention_maps=model.attention_maps)
+    return Backbone.from_config(model, vae, unet, schedule)
 
 
 def make_perceiver(config: ml_collections.ConfigDict, backbone: Backbone, task: Task) -> Perceiver:
@@ -272,6 +270,7 @@ class Run:
     @functools.cached_property
     def _initial_head(self) -> tuple[Any, Any]:
         params, batch_stats = self.perceiver.init(jax.random.key(self.config.seed), *self._init_args())
+        params = load_pretrained(self.config, params)
         params.pop("unet", None)  # the SD UNet, put back by `init_model`: not copied to the host
         return jax.device_get((params, batch_stats))
 

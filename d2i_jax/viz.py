@@ -6,7 +6,7 @@ with invalid pixels black.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +125,19 @@ def class_legend(names: Sequence[str], *, columns: int = 4, cell: tuple[int, int
     cells = [_text_cell(f"{k} {name.strip()}", cell, SEG_PALETTE[k]) for k, name in enumerate(names)]
     cells += [np.zeros((*cell, 3), np.uint8)] * (-len(cells) % columns)
     return np.concatenate([np.concatenate(cells[i:i + columns], axis=1) for i in range(0, len(cells), columns)])
+
+
+def titled_stack(pictures: Mapping[str, np.ndarray | None], *, title_height: int = 14) -> np.ndarray:
+    """uint8 pictures one above the other, each under its name (a multi-task prediction: one row per task); a None
+    picture leaves a black cell of the first picture's size (a task without that kind of picture)."""
+    shape = next(np.shape(p) for p in pictures.values() if p is not None)
+    cells = {name: np.zeros(shape, np.uint8) if p is None else np.asarray(p, np.uint8) for name, p in pictures.items()}
+    width = max(c.shape[1] for c in cells.values())
+    rows = []
+    for name, c in cells.items():
+        rows.append(_text_cell(name, (title_height, width)))
+        rows.append(np.pad(c, ((0, 0), (0, width - c.shape[1]), (0, 0))))
+    return np.concatenate(rows)
 
 
 def colorbar(vmin: float, vmax: float, unit: str, *, reverse: bool = False, width: int = 256,

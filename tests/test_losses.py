@@ -22,6 +22,8 @@ def _np_activation(raw: np.ndarray) -> np.ndarray:
 
 def _np_loss(name: str, pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
     n, kappa = pred[..., :3], pred[..., 3]
+    if name == "l1":  # InvPT's: over the GT mask alone, no |cos| cut
+        return float(np.abs(n - gt).sum(-1)[mask].mean()) if mask.any() else 0.0
     norms = np.linalg.norm(n, axis=-1) * np.linalg.norm(gt, axis=-1)
     cos = np.sum(n * gt, axis=-1) / np.maximum(norms, 1e-8)
     valid = mask & (np.abs(cos) < 0.999)

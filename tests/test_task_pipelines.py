@@ -1,5 +1,6 @@
-"""Depth and segmentation through every stage (warm-up -> create -> self-improve -> evaluate) on a micro setting:
-a 16-channel random SD, four procedural rooms, one DDIM step; what each stage writes, in the task's formats."""
+"""Depth, segmentation and the multi-task model through every stage (warm-up -> create -> self-improve -> evaluate)
+on a micro setting: a 16-channel random SD, four procedural rooms, one DDIM step; what each stage writes, in the
+task's formats."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from PIL import Image
+from safetensors.torch import save_file
 
-from configs import demo_depth, demo_seg
+from configs import demo_depth, demo_multitask, demo_seg
 from d2i_jax import runner
 from d2i_jax.data import keys
 from d2i_jax.models.random_sd import TINY_TEXT_ENCODER, write_random_sd
 from d2i_jax.training.steps import Steps
-from tests import tiny_pipeline
+from tests import test_vit, tiny_pipeline
 
 STAGES = ("warmup", "create", "self_improve", "evaluate")
 
@@ -36,7 +39,8 @@ def micro(config, sd_path):
     c.data.image_size = (64, 64)
     c.data.scenes.num_train, c.data.scenes.num_test, c.data.scenes.size = 4, 2, (48, 64)
     c.fusion.reduce_channels, c.fusion.deconv_channels = (16, 16, 8, 8), (8, 8)
-    c.task.head.decoder_channels = (16, 8, 8, 8)
+    for section in [c.task[k] for k in c.task.tasks] if c.task.name == "multitask" else [c.task]:
+        section.head.decoder_channels = (16, 8, 8, 8)
     c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 4, 1, 0
     c.warmup.epochs = c.self_improve.epochs = 1
     c.self_improve.ema_every_samples = 4
@@ -71,7 +75,71 @@ def test_task_runs_every_stage(config, label, sd_path, tmp_path):
     assert len(list((tmp_path / "self_improve" / "model").iterdir())) > 0
 
 
-@pytest.mark.parametrize("config", [demo_depth, demo_seg], ids=["depth", "segmentation"])
+def test_multitask_runs_every_stage(sd_path, tmp_path):
+    """One model for segmentation, depth and normals: each synthetic room gets its three labels in their own
+    formats, theta_C's labels cover every task, every task is scored, the pictures have a row per task."""
+    c = micro(demo_multitask, sd_path)
+    c.stages = (*STAGES, "generate")
+    c.generate.num_steps, c.generate.num_samples = 1, 2
+    r = runner.run(c, tmp_path)
+    label_dir = tmp_path / "create" / "label"
+    for key, pattern in (("semseg", "*.png"), ("depth", "*.npy"), ("normals", "*.png")):
+        assert sorted(p.stem for p in (label_dir / key).glob(pattern)) == [f"{i:06d}" for i in range(4)], key
+    example = r.task.read_label(r.task.label_file(label_dir, "000001"), (64, 64))
+    assert set(example) == {keys.SEMSEG, keys.DEPTH, keys.NORMAL, keys.MASK}
+    assert example[keys.SEMSEG].max() < 5 and (example[keys.DEPTH] > 0).all() and example[keys.MASK].all()
+    np.testing.assert_allclose(np.linalg.norm(example[keys.NORMAL], axis=-1), 1.0, atol=0.02)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("untrained", "theta_W", "theta_C"):
+        for key in ("semseg/miou", "depth/rmse", "normals/mean"):
+            assert np.isfinite(metrics[name][key]), (name, key)
+    assert metrics["theta_W"]["depth/rmse"] < metrics["untrained"]["depth/rmse"]  # it learned something
+    rows = Image.open(tmp_path / "evaluate" / "predictions.png").size[1]
+    assert rows > 3 * 64 * min(c.evaluate.num_pictures, 2)  # each cell stacks the three tasks
+    for name in ("from_noise", "from_partial_noise"):
+        assert (tmp_path / "generate" / f"{name}.png").stat().st_size > 0
+
+
+def test_multitask_invpt_decoder_runs_every_stage(sd_path, tmp_path):
+    """Decoder (b): InvPT's ViT (weights from a timm-layout checkpoint of another size) + decoder with the SD features
+    added, through every stage; the untrained model is InvPT alone (the SD projections start at zero)."""
+    ref = test_vit.reference_vit("restated", (32, 32), seed=3)
+    save_file(test_vit.torch_state(ref), tmp_path / "vit.safetensors")
+    c = micro(demo_multitask, sd_path)
+    c.model.features = "invpt"
+    c.model.vit_checkpoint = str(tmp_path / "vit.safetensors")
+    c.task.decoder = "invpt"
+    c.task.invpt = ml_collections.ConfigDict({"vit": {**test_vit.TINY, "out_blocks": test_vit.OUT_BLOCKS},
+                                              "decoder": {"embed_dim": 16, "pred_channels": 8}})
+    c.create.label_pass = c.generate.label_pass = "perception"
+    c.self_improve.label_mode = "eval"
+    r = runner.run(c, tmp_path / "run")
+    params, _ = r.init_model()
+    vit = params["head"]["head"]["vit"]
+    np.testing.assert_allclose(vit["patch_embed"]["proj"]["kernel"],
+                               ref.patch_embed.proj.weight.detach().numpy().transpose(2, 3, 1, 0), rtol=1e-6)
+    assert vit["pos_embed"].shape == (1, 1 + 8 * 8, 32)  # resized from the checkpoint's 4 x 4 grid
+    assert all(float(jnp.abs(p["kernel"]).max()) == 0 for k, p in params["head"]["head"].items()
+               if k.startswith("sd_proj"))
+    for stage in STAGES:
+        assert (tmp_path / "run" / stage / "DONE").exists(), stage
+    assert sorted(p.name for p in (tmp_path / "run" / "create" / "label").iterdir()) == ["depth", "normals", "semseg"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for name in ("untrained", "theta_W", "theta_C"):
+        assert all(np.isfinite(metrics[name][k]) for k in ("semseg/miou", "depth/rmse", "normals/mean")), name
+    trained, _ = r.load_model("warmup")
+    assert any(float(jnp.abs(p["kernel"]).max()) > 0 for k, p in trained["head"]["head"].items()
+               if k.startswith("sd_proj"))  # the SD features were learned into the encoder
+
+    c.model.features = "diff2in1"
+    with pytest.raises(ValueError, match=r"set model\.features='invpt'"):
+        runner.Run(c, tmp_path / "wrong").init_model()
+    c.model.features, c.create.label_pass = "invpt", "denoise"
+    with pytest.raises(ValueError, match="label_pass"):
+        _ = runner.Run(c, tmp_path / "wrong2").perceiver
+
+
+@pytest.mark.parametrize("config", [demo_depth, demo_seg, demo_multitask], ids=["depth", "segmentation", "multitask"])
 def test_theta_c_labels_are_its_prediction_under_stop_gradient(config, sd_path, tmp_path):
     """The synthetic rows' targets are theta_C's pseudo-labels, and no gradient flows from them into theta_C."""
     c = micro(config, sd_path)

@@ -23,60 +23,20 @@ Keys outside a converter's prefixes (UNet, VAE, class embeddings, the other modu
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
+from weights_conversion.key_maps import KeyMap, deconv, linear, norm_keys, unwrap, vector, weight_keys
 from weights_conversion.torch_to_flax import raise_if_mismatched
-
-Layout = Callable[[np.ndarray], np.ndarray]
-KeyMap = dict[str, tuple[tuple[str, ...], Layout]]
-
-
-def _conv(w: np.ndarray) -> np.ndarray:
-    return w.transpose(2, 3, 1, 0)
-
-
-def _deconv(w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w.transpose(2, 3, 0, 1)[::-1, ::-1])
-
-
-def _linear(w: np.ndarray) -> np.ndarray:
-    return w.T
-
-
-def _vector(w: np.ndarray) -> np.ndarray:
-    return w.reshape(-1)
-
-
-def _weight_keys(torch_name: str, path: tuple[str, ...], *, bias: bool = True, layout: Layout = _conv) -> KeyMap:
-    m: KeyMap = {f"{torch_name}.weight": (("params", *path, "kernel"), layout)}
-    if bias:
-        m[f"{torch_name}.bias"] = (("params", *path, "bias"), _vector)
-    return m
-
-
-def _norm_keys(torch_name: str, path: tuple[str, ...], *, running: bool) -> KeyMap:
-    """GroupNorm (`running=False`) or BatchNorm (`running=True`: running statistics -> batch_stats)."""
-    m: KeyMap = {f"{torch_name}.weight": (("params", *path, "scale"), _vector),
-                 f"{torch_name}.bias": (("params", *path, "bias"), _vector)}
-    if running:
-        m[f"{torch_name}.running_mean"] = (("batch_stats", *path, "mean"), _vector)
-        m[f"{torch_name}.running_var"] = (("batch_stats", *path, "var"), _vector)
-    return m
 
 
 def _indices(state: Mapping[str, Any], pattern: str) -> list[tuple[int, ...]]:
     """Sorted integer groups of the keys fully matching `pattern`."""
     found = {tuple(int(g) for g in m.groups()) for k in state if (m := re.fullmatch(pattern, k))}
     return sorted(found)
-
-
-def _unwrap(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The state dict without DDP's `module.` key prefix."""
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _convert(what: str, state: Mapping[str, Any], prefixes: tuple[str, ...], key_map: KeyMap) -> dict[str, Any]:
@@ -97,52 +57,52 @@ def _convert(what: str, state: Mapping[str, Any], prefixes: tuple[str, ...], key
 
 def convert_text_adapter(state: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """`{"params": ...}` of `TextAdapter` (`prefix`: "" for `VPDSeg`, "encoder." for `VPDDepth`)."""
-    state = _unwrap(state)
-    key_map = {**_weight_keys(f"{prefix}text_adapter.fc.0", ("fc1",), layout=_linear),
-               **_weight_keys(f"{prefix}text_adapter.fc.2", ("fc2",), layout=_linear),
-               f"{prefix}gamma": (("params", "gamma"), _vector)}
+    state = unwrap(state)
+    key_map = {**weight_keys(f"{prefix}text_adapter.fc.0", ("fc1",), layout=linear),
+               **weight_keys(f"{prefix}text_adapter.fc.2", ("fc2",), layout=linear),
+               f"{prefix}gamma": (("params", "gamma"), vector)}
     return _convert("VPD text adapter", state, (f"{prefix}text_adapter.", f"{prefix}gamma"), key_map)
 
 
 def convert_fpn(state: Mapping[str, Any]) -> dict[str, Any]:
     """`{"params", "batch_stats"}` of `SemanticFPN` from mmseg `FPN` (`neck.`) + `FPNHead` (`decode_head.`) keys."""
-    state = _unwrap(state)
+    state = unwrap(state)
     key_map: KeyMap = {}
     for (i,) in _indices(state, r"neck\.lateral_convs\.(\d+)\.conv\.weight"):
-        key_map.update(_weight_keys(f"neck.lateral_convs.{i}.conv", ("neck", f"lateral{i}")))
-        key_map.update(_weight_keys(f"neck.fpn_convs.{i}.conv", ("neck", f"fpn{i}")))
+        key_map.update(weight_keys(f"neck.lateral_convs.{i}.conv", ("neck", f"lateral{i}")))
+        key_map.update(weight_keys(f"neck.fpn_convs.{i}.conv", ("neck", f"fpn{i}")))
     scale_heads: dict[int, list[int]] = {}
     for i, j in _indices(state, r"decode_head\.scale_heads\.(\d+)\.(\d+)\.conv\.weight"):
         scale_heads.setdefault(i, []).append(j)
     for i, modules in scale_heads.items():
         for k, j in enumerate(modules):
             name, path = f"decode_head.scale_heads.{i}.{j}", ("decode_head", f"scale{i}_{k}")
-            key_map.update(_weight_keys(f"{name}.conv", (*path, "conv"), bias=False))
-            key_map.update(_norm_keys(f"{name}.bn", (*path, "bn"), running=True))
-    key_map.update(_weight_keys("decode_head.conv_seg", ("decode_head", "conv_seg")))
+            key_map.update(weight_keys(f"{name}.conv", (*path, "conv"), bias=False))
+            key_map.update(norm_keys(f"{name}.bn", (*path, "bn"), running=True))
+    key_map.update(weight_keys("decode_head.conv_seg", ("decode_head", "conv_seg")))
     return _convert("VPD semantic FPN", state, ("neck.", "decode_head."), key_map)
 
 
 def convert_depth_decoder(state: Mapping[str, Any]) -> dict[str, Any]:
     """`{"params", "batch_stats"}` of `VPDDepthDecoder` from `VPDDepth`'s `encoder.{layer1,layer2,out_layer}`,
     `decoder.` and `last_layer_depth.` keys."""
-    state = _unwrap(state)
+    state = unwrap(state)
     key_map: KeyMap = {
-        **_weight_keys("encoder.layer1.0", ("layer1_conv1",)),
-        **_norm_keys("encoder.layer1.1", ("layer1_norm",), running=False),
-        **_weight_keys("encoder.layer1.3", ("layer1_conv2",)),
-        **_weight_keys("encoder.layer2.0", ("layer2_conv",)),
-        **_weight_keys("encoder.out_layer.0", ("out_conv",)),
-        **_norm_keys("encoder.out_layer.1", ("out_norm",), running=False),
-        **_weight_keys("decoder.conv_layers.0", ("conv",)),
-        **_norm_keys("decoder.conv_layers.1", ("conv_norm",), running=True),
-        **_weight_keys("last_layer_depth.0", ("depth_conv1",)),
-        **_weight_keys("last_layer_depth.2", ("depth_conv2",)),
+        **weight_keys("encoder.layer1.0", ("layer1_conv1",)),
+        **norm_keys("encoder.layer1.1", ("layer1_norm",), running=False),
+        **weight_keys("encoder.layer1.3", ("layer1_conv2",)),
+        **weight_keys("encoder.layer2.0", ("layer2_conv",)),
+        **weight_keys("encoder.out_layer.0", ("out_conv",)),
+        **norm_keys("encoder.out_layer.1", ("out_norm",), running=False),
+        **weight_keys("decoder.conv_layers.0", ("conv",)),
+        **norm_keys("decoder.conv_layers.1", ("conv_norm",), running=True),
+        **weight_keys("last_layer_depth.0", ("depth_conv1",)),
+        **weight_keys("last_layer_depth.2", ("depth_conv2",)),
     }
     for (j,) in _indices(state, r"decoder\.deconv_layers\.(\d+)\.weight"):
         if j % 3 == 0:
-            key_map.update(_weight_keys(f"decoder.deconv_layers.{j}", (f"deconv{j // 3}",), bias=False,
-                                      layout=_deconv))
-            key_map.update(_norm_keys(f"decoder.deconv_layers.{j + 1}", (f"deconv_norm{j // 3}",), running=True))
+            key_map.update(weight_keys(f"decoder.deconv_layers.{j}", (f"deconv{j // 3}",), bias=False,
+                                      layout=deconv))
+            key_map.update(norm_keys(f"decoder.deconv_layers.{j + 1}", (f"deconv_norm{j // 3}",), running=True))
     prefixes = ("encoder.layer1.", "encoder.layer2.", "encoder.out_layer.", "decoder.", "last_layer_depth.")
     return _convert("VPD depth decoder", state, prefixes, key_map)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -77,6 +78,19 @@ def load_npy(path: Path, what: str) -> np.ndarray:
     return array
 
 
+def load_mat(path: Path, what: str) -> dict[str, Any]:
+    """The variables of a MATLAB `.mat` file (v4 to v7.2, `scipy.io.loadmat`'s default layout); errors name `path`."""
+    import scipy.io  # here: 0.1 s to import, and only PASCAL-Context's labels are .mat files
+
+    if not path.is_file():
+        raise missing(path, what)
+    try:
+        return scipy.io.loadmat(path)
+    # truncated data, not a .mat at all, a v7.3 (HDF5) file, a malformed header
+    except (OSError, ValueError, TypeError, NotImplementedError, scipy.io.matlab.MatReadError) as e:
+        raise DatasetFileError(f"cannot read {what} file {path}: {e}", path) from e
+
+
 def load_class_ids(path: Path, what: str, num_classes: int, unknown_ids: str = "raise") -> np.ndarray:
     """A single-channel label PNG with 0 = void / "other" and 1..num_classes the classes, as int32 classes
     0..num_classes - 1 and void -> `keys.IGNORE_INDEX` (mmseg's `reduce_zero_label`). An id above num_classes
@@ -88,6 +102,16 @@ def load_class_ids(path: Path, what: str, num_classes: int, unknown_ids: str = "
         raise DatasetFileError(f"{what} file {path} has ids {np.unique(ids[unknown]).tolist()[:10]} above "
                                f"{num_classes} (the number of classes)", path)
     return np.where((ids == 0) | unknown, keys.IGNORE_INDEX, ids - 1).astype(np.int32)
+
+
+def select_label_keys(label_keys: Sequence[str], available: Sequence[str]) -> tuple[str, ...]:
+    """The label keys of a multi-label reader to read, in its order: `keys.MASK` stands for `keys.NORMAL`, which
+    brings it (the normals task asks for both); an unknown key is an error listing the reader's."""
+    unknown = set(label_keys) - {*available, keys.MASK}
+    if unknown:
+        raise ValueError(f"unknown label keys {sorted(unknown)}; choose from {(*available, keys.MASK)}")
+    wanted = set(label_keys) | ({keys.NORMAL} if keys.MASK in label_keys else set())
+    return tuple(k for k in available if k in wanted)
 
 
 def read_caption(path: Path, fallback: str) -> str:

@@ -7,6 +7,9 @@ Per example (a batch adds a leading axis; captions become a NumPy object array o
 - `MASK`    bool [H, W], True where the normal is valid (ground truth not (0, 0, 0)).
 - `DEPTH`   float32 [H, W] metres along the optical axis, 0 = invalid.
 - `SEMSEG`  int32 [H, W] class ids, `IGNORE_INDEX` = ignore.
+- `PARTS`   int32 [H, W] human-part ids (0 background, 1..6 parts), `IGNORE_INDEX` = ignore (all of an image with no
+  person, as PASCAL-Context's multi-task labels).
+- `SALIENCY` int32 [H, W] 1 salient, 0 not, `IGNORE_INDEX` = ignore.
 - `ID`      int32 scalar, the example's index in its source.
 - `CAPTION` str, the text prompt describing the image.
 - `SYNTHETIC` bool scalar, True for generated images (their labels come from theta_C online).
@@ -23,6 +26,8 @@ NORMAL = "normal"
 MASK = "mask"
 DEPTH = "depth"
 SEMSEG = "semseg"
+PARTS = "parts"
+SALIENCY = "saliency"
 ID = "id"
 CAPTION = "caption"
 SYNTHETIC = "synthetic"
@@ -30,4 +35,4 @@ MOMENTS = "moments"
 
 IGNORE_INDEX = 255
 
-ALL_KEYS = (IMAGE, NORMAL, MASK, DEPTH, SEMSEG, ID, CAPTION, SYNTHETIC, MOMENTS)
+ALL_KEYS = (IMAGE, NORMAL, MASK, DEPTH, SEMSEG, PARTS, SALIENCY, ID, CAPTION, SYNTHETIC, MOMENTS)

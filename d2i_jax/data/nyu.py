@@ -98,7 +98,7 @@ def augment(example: dict[str, Any], rng: np.random.Generator, config: Augment =
     """Return an augmented copy of `example`; all randomness comes from `rng`, so a seeded rng is reproducible."""
     out = dict(example)
     if config.hflip and rng.random() < 0.5:
-        for key in (keys.IMAGE, keys.NORMAL, keys.MASK, keys.DEPTH, keys.SEMSEG):
+        for key in (keys.IMAGE, keys.NORMAL, keys.MASK, keys.DEPTH, keys.SEMSEG, keys.PARTS, keys.SALIENCY):
             if key in out:
                 out[key] = np.ascontiguousarray(out[key][:, ::-1])
         if keys.NORMAL in out:

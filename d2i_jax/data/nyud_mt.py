@@ -20,7 +20,6 @@ import numpy as np
 
 from d2i_jax.data import keys
 from d2i_jax.data.files import (
-    IMAGE_MODES,
     RESIZES,
     check_shape,
     decode_normals,
@@ -28,12 +27,11 @@ from d2i_jax.data.files import (
     load_image,
     load_npy,
     not_found,
-    read_caption,
     resize_nearest,
-    resize_rgb,
+    select_label_keys,
     unit_normals,
 )
-from d2i_jax.data.fingerprint import digest
+from d2i_jax.data.id_list import IdListSource
 
 NUM_CLASSES = 40
 LABEL_KEYS = (keys.SEMSEG, keys.DEPTH, keys.NORMAL)
@@ -79,14 +77,15 @@ def load_normals(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.nda
     return normal, mask
 
 
-class NyudMT:
+class NyudMT(IdListSource):
     """Random-access NYUD-MT examples: image [-1, 1], the chosen labels (semseg, depth, normal + mask), caption, id.
 
     Args:
       root: dataset folder (holding `images/`, `gt_sets/`, the label folders).
       split: a `gt_sets/<split>.txt` name, "train" or "val".
       size: (H, W) to resize to; None keeps the size on disk (480 x 640).
-      label_keys: which of `LABEL_KEYS` to read; only their files need to exist. `keys.NORMAL` brings `keys.MASK`.
+      label_keys: which of `LABEL_KEYS` to read (`select_label_keys`: `keys.MASK` stands for `keys.NORMAL`, which
+        brings it); only their files need to exist.
       fallback_caption: caption of examples without `caption/<id>.txt`.
       resize: the image's bilinear resize, "pil" (antialiased when shrinking) or "public" (as cv2, without);
         labels are always resized nearest, with one pixel grid for all of them.
@@ -98,41 +97,17 @@ class NyudMT:
     ):
         if resize not in RESIZES:
             raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
-        unknown = set(label_keys) - set(LABEL_KEYS)
-        if unknown:
-            raise ValueError(f"unknown label keys {sorted(unknown)}; choose from {LABEL_KEYS}")
         self.root, self.split, self.size, self.resize = Path(root), split, size, resize
-        self.label_keys, self.fallback_caption = tuple(label_keys), fallback_caption
+        self.label_keys, self.fallback_caption = select_label_keys(label_keys, LABEL_KEYS), fallback_caption
         self.ids = read_ids(self.root / "gt_sets" / f"{split}.txt")
         if not self.ids:
             raise FileNotFoundError(f"no example ids in {self.root / 'gt_sets' / f'{split}.txt'}")
         # every file found now (fails on the first missing one, not hours into training), its variant fixed
         self.files = [{k: find_file(self.root, k, i) for k in (keys.IMAGE, *self.label_keys)} for i in self.ids]
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __repr__(self) -> str:
-        return (f"NyudMT(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, size={self.size}, "
-                f"label_keys={self.label_keys})")
-
-    def _caption_path(self, index: int) -> Path:
-        return self.root / "caption" / f"{self.ids[index]}.txt"
-
-    def fingerprint(self) -> str:
-        """Digest of the settings and of every file the examples are read from (`d2i_jax.data.fingerprint`)."""
-        files = [p for i, f in enumerate(self.files) for p in (*f.values(), self._caption_path(i))]
-        return digest("NyudMT", self.size, self.resize, self.label_keys, self.fallback_caption, files=files)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         files = self.files[index]
-        img = load_image(files[keys.IMAGE], "image", IMAGE_MODES)
-        shape = (img.height, img.width)
-        ex: dict[str, Any] = {
-            keys.IMAGE: resize_rgb(img, self.size, self.resize) / 127.5 - 1.0,
-            keys.ID: np.int32(index),
-            keys.CAPTION: read_caption(self._caption_path(index), self.fallback_caption),
-        }
+        ex, shape = self._image_example(index)
         if keys.SEMSEG in self.label_keys:
             semseg = load_class_ids(files[keys.SEMSEG], "segmentation", NUM_CLASSES)
             check_shape(semseg, shape, files[keys.SEMSEG], "segmentation")

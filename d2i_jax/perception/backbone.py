@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from d2i_jax.diffusion.schedule import NoiseSchedule, q_sample
 from d2i_jax.models.unet import UNet2DConditionModel, UNetFeatures, cross_attention_probs
@@ -48,6 +49,14 @@ class Backbone:
     # Whether the UNet pass denoises (it keeps SD's generative role, so creation samples with the model's UNet);
     # False where it was fine-tuned into a perception net (`OneStepBackbone`).
     denoises: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, model: ml_collections.ConfigDict, vae: AutoencoderKL, unet: UNet2DConditionModel,
+                    schedule: NoiseSchedule) -> Backbone:
+        """The feature pass `config.model` sets over these modules."""
+        return cls(vae=vae, unet=unet, schedule=schedule, t_feat=model.t_feat, sample_posterior=model.sample_posterior,
+                   scale_latents=model.scale_latents, noise_features=model.noise_features,
+                   attention_maps=model.attention_maps)
 
     def posterior(self, vae_params: Any, images: jax.Array) -> Posterior:
         """`[B, H, W, 3]` images in [-1, 1] -> the VAE posterior over unscaled latents (cacheable per image)."""

@@ -10,6 +10,7 @@ interpolation, as Bae's PyTorch code.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -367,6 +368,25 @@ class NormalHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- loss
+
+
+def constant_kappa_normals(xyz: jax.Array, kappa: float) -> NormalHeadOutput:
+    """The one-level output of a head that predicts no uncertainty: `[B, H, W, 3]` maps normalised, with a constant
+    concentration κ, in the normals task's `[B, H, W, 4]` layout."""
+    xyz = xyz.astype(jnp.float32)
+    n = xyz / jnp.maximum(jnp.linalg.norm(xyz, axis=-1, keepdims=True), 1e-6)
+    return NormalHeadOutput(maps=(jnp.concatenate([n, jnp.full_like(n[..., :1], kappa)], -1),))
+
+
+class UnitNormalReadout(nn.Module):
+    """A dense head with three output maps (`head(skips, train=...)`) read as unit normals with a constant κ: the
+    multi-task normal head (InvPT's: normalised output, L1 loss, no uncertainty)."""
+
+    head: nn.Module
+    kappa: float = 1.0
+
+    def __call__(self, skips: Any, *, train: bool, **unused: Any) -> NormalHeadOutput:
+        return constant_kappa_normals(self.head(skips, train=train), self.kappa)
 
 
 def renormalise(pred: jax.Array) -> jax.Array:

@@ -35,7 +35,7 @@ from d2i_jax.diffusion.sampling import ddim_step, predict_x0
 from d2i_jax.diffusion.schedule import ddim_timesteps, denoiser_target, q_sample
 from d2i_jax.models.vae import Posterior
 from d2i_jax.perception.backbone import Backbone
-from d2i_jax.perception.normal_head import NormalHeadOutput
+from d2i_jax.perception.normal_head import NormalHeadOutput, constant_kappa_normals
 
 NOISES = ("rgb", "gaussian")
 
@@ -186,6 +186,4 @@ class DecodedNormals(nn.Module):
 
     @nn.compact
     def __call__(self, features: list[jax.Array], *, train: bool = False, **unused: Any) -> NormalHeadOutput:
-        xyz = features[0].astype(jnp.float32)
-        n = xyz / jnp.maximum(jnp.linalg.norm(xyz, axis=-1, keepdims=True), 1e-6)
-        return NormalHeadOutput(maps=(jnp.concatenate([n, jnp.full_like(n[..., :1], self.kappa)], -1),))
+        return constant_kappa_normals(features[0], self.kappa)

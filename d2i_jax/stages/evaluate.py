@@ -57,8 +57,10 @@ def picture_columns(models: Collection[str]) -> tuple[list[str], str]:
 
 def format_table(results: dict[str, dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
     """The metric table: a row per model, `columns` = (metric key, header) pairs."""
-    lines = [f"{'model':<10}" + "".join(f"{h:>10}" for _, h in columns)]
-    lines += [f"{name:<10}" + "".join(f"{m[c]:>10.4g}" for c, _ in columns) for name, m in results.items()]
+    widths = [max(10, len(h) + 2) for _, h in columns]
+    lines = [f"{'model':<10}" + "".join(f"{h:>{w}}" for (_, h), w in zip(columns, widths, strict=True))]
+    lines += [f"{name:<10}" + "".join(f"{m[c]:>{w}.4g}" for (c, _), w in zip(columns, widths, strict=True))
+              for name, m in results.items()]
     return "\n".join(lines)
 
 

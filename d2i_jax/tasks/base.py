@@ -36,11 +36,13 @@ class Task(Protocol):
     Attributes:
       name: the `config.task.name` that selects it.
       label_keys: the example keys holding its labels (e.g. `("normal", "mask")`).
+      channels: C of its predictions `[B, H, W, C]` (a multi-task prediction concatenates its tasks' channels).
       metric_columns: `(metric key, column header)` pairs of the evaluation table, in order.
     """
 
     name: str
     label_keys: tuple[str, ...]
+    channels: int
     metric_columns: tuple[tuple[str, str], ...]
 
     # ------------------------------------------------------------------ model and training

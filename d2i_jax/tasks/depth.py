@@ -4,9 +4,11 @@
 `config.task` fields: `max_depth` (10 m on NYUv2), `min_depth` (evaluation floor, 1e-3), `silog_lambda` (VPD:
 0.5) and `silog_scale` (VPD: 1; BTS / AdaBins use 0.85 and 10), the evaluation's `eigen_crop` and `reduction`
 ("pooled": over all valid pixels of all images, the NYUD-MT multi-task convention; "per_image": the NYUv2
-single-task convention of VPD / BTS), and `head`: `type` "skip_decoder" (default: `SkipDecoderHead` on the
-Diff-2-in-1 fusion) or "vpd" (VPD's `VPDDepthDecoder` on VPD's features), plus that module's fields. Both heads end
-before the sigmoid, which `prediction` applies.
+single-task convention of VPD / BTS), `loss` ("silog", VPD's; "l1": the mean absolute error in metres over the
+valid pixels, InvPT's multi-task depth loss — InvPT masks only the ignore value 255, so it would also fit the zero
+'no depth' pixels, which NYUD-MT's in-painted depth maps do not have), and `head`: `type` "skip_decoder"
+(default: `SkipDecoderHead` on the Diff-2-in-1 fusion) or "vpd" (VPD's `VPDDepthDecoder` on VPD's features), plus
+that module's fields. Both heads end before the sigmoid, which `prediction` applies.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from d2i_jax.tasks.base import head_choice, task_fields
 from d2i_jax.vpd_losses import silog_loss
 
 HEAD_TYPES = ("skip_decoder", "vpd")
+DEPTH_LOSSES = ("silog", "l1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +48,18 @@ class DepthTask:
     silog_scale: float = 1.0
     eigen_crop: bool = False
     reduction: str = "pooled"
+    loss: str = "silog"
     head: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     name = "depth"
     label_keys = (keys.DEPTH,)
+    channels = 1
     metric_columns = (("rmse", "rmse m"), ("abs_rel", "abs_rel"), ("sq_rel", "sq_rel"), ("log10", "log10"),
                       ("rmse_log", "rmse_log"), ("delta1", "δ<1.25"), ("delta2", "δ<1.25²"), ("delta3", "δ<1.25³"))
 
     def __post_init__(self) -> None:
+        if self.loss not in DEPTH_LOSSES:
+            raise ValueError(f"unknown task.loss {self.loss!r}; choose from {DEPTH_LOSSES}")
         head_choice(self.head, HEAD_TYPES)  # an unknown head type fails when the task is made
 
     def make_head(self) -> nn.Module:
@@ -73,8 +80,10 @@ class DepthTask:
 
     def loss_fn(self, outputs: jax.Array, labels: Mapping[str, jax.Array]) -> jax.Array:
         gt = labels[keys.DEPTH]
-        return silog_loss(self.prediction(outputs)[..., 0], gt, gt > self.min_depth, lam=self.silog_lambda,
-                          scale=self.silog_scale)
+        pred, valid = self.prediction(outputs)[..., 0], gt > self.min_depth
+        if self.loss == "l1":
+            return jnp.sum(jnp.where(valid, jnp.abs(pred - gt), 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+        return silog_loss(pred, gt, valid, lam=self.silog_lambda, scale=self.silog_scale)
 
     @staticmethod
     def pseudo_labels(prediction: jax.Array) -> dict[str, jax.Array]:

@@ -21,11 +21,19 @@ from d2i_jax.data.files import load_image
 from d2i_jax.data.nyu import decode_normals
 from d2i_jax.losses import NORMAL_LOSSES, UNCERTAINTY_GUIDED
 from d2i_jax.metrics import DEGREES_PER_RADIAN, PUBLIC_DEGREES_PER_RADIAN, NormalErrorAccumulator
-from d2i_jax.perception.normal_head import NormalHead, NormalHeadOutput, normal_training_loss, renormalise
+from d2i_jax.perception.normal_head import (
+    NormalHead,
+    NormalHeadOutput,
+    UnitNormalReadout,
+    constant_kappa_normals,
+    normal_training_loss,
+    renormalise,
+)
 from d2i_jax.perception.one_step import DecodedNormals
+from d2i_jax.perception.skip_decoder import SkipDecoderHead
 from d2i_jax.tasks.base import head_choice, task_fields
 
-HEAD_TYPES = ("bae", "one_step")
+HEAD_TYPES = ("bae", "one_step", "skip_decoder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +42,10 @@ class NormalsTask:
 
     Attributes:
       loss: a `d2i_jax.losses.NORMAL_LOSSES` name (`ug_angmf` default, `ug_vmf`, `angular`, `l2`).
-      head: `type` "bae" (default: `NormalHead`, with its fields: decoder widths, sampling ratios, ...) or
-        "one_step" (GenPercept's VAE-decoder read-out `DecodedNormals`, no uncertainty: use `loss = "angular"`).
+      head: `type` "bae" (default: `NormalHead`, with its fields: decoder widths, sampling ratios, ...),
+        "one_step" (GenPercept's VAE-decoder read-out `DecodedNormals`, no uncertainty: use `loss = "angular"`) or
+        "skip_decoder" (`SkipDecoderHead` with three maps read as unit normals, no uncertainty: the multi-task
+        normal head, with InvPT's `loss = "l1"`).
     """
 
     loss: str = "ug_angmf"
@@ -43,6 +53,7 @@ class NormalsTask:
 
     name = "normals"
     label_keys = (keys.NORMAL, keys.MASK)
+    channels = 4
     metric_columns = (("mean", "mean°"), ("median", "median°"), ("rmse", "rmse°"), ("pct_5", "<5°%"),
                       ("pct_7_5", "<7.5°%"), ("pct_11_25", "<11.25°%"), ("pct_22_5", "<22.5°%"), ("pct_30", "<30°%"))
 
@@ -50,13 +61,29 @@ class NormalsTask:
         if self.loss not in NORMAL_LOSSES:
             raise ValueError(f"unknown normal loss {self.loss!r}; choose from {sorted(NORMAL_LOSSES)}")
         kind, _ = head_choice(self.head, HEAD_TYPES)
-        if kind == "one_step" and self.loss in UNCERTAINTY_GUIDED:
-            raise ValueError(f"task.head.type='one_step' predicts no uncertainty: task.loss={self.loss!r} needs it; "
-                             "use 'angular' (GenPercept) or 'l2'")
+        if kind != "bae" and self.loss in UNCERTAINTY_GUIDED:
+            raise ValueError(f"task.head.type={kind!r} predicts no uncertainty: task.loss={self.loss!r} needs it; "
+                             "use 'angular' (GenPercept), 'l1' (InvPT) or 'l2'")
+
+    readout_channels = 3  # the maps a joint multi-task decoder gives this task (`readout`)
+
+    @staticmethod
+    def readout(maps: jax.Array) -> NormalHeadOutput:
+        """A joint multi-task decoder's three maps as this task's head output: unit normals, constant κ."""
+        return constant_kappa_normals(maps, 1.0)
+
+    @property
+    def uncertain(self) -> bool:
+        """Whether the head predicts κ (Bae's); the others' κ is a constant."""
+        return head_choice(self.head, HEAD_TYPES)[0] == "bae"
 
     def make_head(self) -> nn.Module:
         kind, fields = head_choice(self.head, HEAD_TYPES)
-        return DecodedNormals(**fields) if kind == "one_step" else NormalHead(**fields)
+        if kind == "one_step":
+            return DecodedNormals(**fields)
+        if kind == "skip_decoder":
+            return UnitNormalReadout(SkipDecoderHead(out_channels=3, **fields))
+        return NormalHead(**fields)
 
     def head_kwargs(self, labels: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
         """Training-time head arguments: GT validity (excluded from importance sampling) and the sampling key."""
@@ -137,20 +164,21 @@ class NormalsTask:
     def update_metrics(acc: NormalErrorAccumulator, prediction: jax.Array, labels: Mapping[str, Any]) -> None:
         acc.update(prediction[..., :3], labels[keys.NORMAL], labels[keys.MASK])
 
-    @staticmethod
-    def pictures(prediction: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """uint8 pictures of one prediction: the normal map and κ as expected angular error."""
-        return {"normal": viz.normal_to_rgb(prediction[..., :3], mask),
-                "uncertainty": viz.uncertainty_to_rgb(prediction[..., 3], mask)}
+    def pictures(self, prediction: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """uint8 pictures of one prediction: the normal map, and κ as expected angular error (Bae's head; the other
+        heads predict no uncertainty)."""
+        out = {"normal": viz.normal_to_rgb(prediction[..., :3], mask)}
+        if self.uncertain:
+            out["uncertainty"] = viz.uncertainty_to_rgb(prediction[..., 3], mask)
+        return out
 
     @staticmethod
     def label_picture(labels: Mapping[str, np.ndarray]) -> np.ndarray:
         return viz.normal_to_rgb(labels[keys.NORMAL], labels[keys.MASK])
 
-    @staticmethod
-    def legend() -> np.ndarray:
+    def legend(self) -> np.ndarray | None:
         """Normals as RGB = (n + 1) / 2 (NYUv2 PNG encoding); the uncertainty's expected angular error scale."""
-        return viz.colorbar(0, 60, "° expected error (uncertainty)")
+        return viz.colorbar(0, 60, "° expected error (uncertainty)") if self.uncertain else None
 
 
 def make(config: ml_collections.ConfigDict) -> NormalsTask:

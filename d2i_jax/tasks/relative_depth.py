@@ -77,6 +77,7 @@ class RelativeDepthTask(DepthTask):
     loss_weights: tuple[float, float, float] = (1.0, 0.5, 2.0)
 
     name = "relative_depth"
+    channels = 1
     metric_columns = (("abs_rel", "abs_rel"), ("delta1", "δ<1.25"), ("rmse", "rmse m"))
 
     def __post_init__(self) -> None:

@@ -50,7 +50,7 @@ class SegmentationTask:
     head: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     name = "segmentation"
-    label_keys = (keys.SEMSEG,)
+    label_keys = (keys.SEMSEG,)  # one key, `label_key`: a subclass (human parts) reads another
     metric_columns = (("miou", "mIoU"), ("pixel_acc", "pixel acc"))
 
     def __post_init__(self) -> None:
@@ -59,6 +59,14 @@ class SegmentationTask:
         if not 0 <= self.pseudo_label_threshold < 1:
             raise ValueError(f"task.pseudo_label_threshold must be in [0, 1), got {self.pseudo_label_threshold}")
         head_choice(self.head, HEAD_TYPES)  # an unknown head type fails when the task is made
+
+    @property
+    def label_key(self) -> str:
+        return self.label_keys[0]
+
+    @property
+    def channels(self) -> int:
+        return self.num_classes
 
     def make_head(self) -> nn.Module:
         kind, fields = head_choice(self.head, HEAD_TYPES)
@@ -79,7 +87,7 @@ class SegmentationTask:
         return outputs.astype(jnp.float32)
 
     def loss_fn(self, outputs: jax.Array, labels: Mapping[str, jax.Array]) -> jax.Array:
-        return cross_entropy_ignore(outputs.astype(jnp.float32), labels[keys.SEMSEG], self.ignore_index,
+        return cross_entropy_ignore(outputs.astype(jnp.float32), labels[self.label_key], self.ignore_index,
                                     avg_non_ignore=self.avg_non_ignore)
 
     def pseudo_labels(self, prediction: jax.Array) -> dict[str, jax.Array]:
@@ -88,10 +96,10 @@ class SegmentationTask:
         if self.pseudo_label_threshold > 0:
             confident = jnp.max(jax.nn.softmax(prediction, axis=-1), axis=-1) >= self.pseudo_label_threshold
             classes = jnp.where(confident, classes, self.ignore_index)
-        return {keys.SEMSEG: classes}
+        return {self.label_key: classes}
 
     def empty_labels(self, size: tuple[int, int]) -> dict[str, np.ndarray]:
-        return {keys.SEMSEG: np.full(size, self.ignore_index, np.int32)}
+        return {self.label_key: np.full(size, self.ignore_index, np.int32)}
 
     @staticmethod
     def label_file(directory: Path, name: str) -> Path:
@@ -106,7 +114,7 @@ class SegmentationTask:
         im = load_image(path, "stored segmentation label", ("P", "L"))
         if im.size != (size[1], size[0]):
             im = im.resize((size[1], size[0]), Image.Resampling.NEAREST)
-        return {keys.SEMSEG: np.asarray(im).astype(np.int32)}
+        return {self.label_key: np.asarray(im).astype(np.int32)}
 
     @staticmethod
     def resize_prediction(prediction: jax.Array, size: tuple[int, int], protocol: str = "public") -> jax.Array:
@@ -117,9 +125,8 @@ class SegmentationTask:
     def new_metrics(self, protocol: str = "public") -> ConfusionMatrixAccumulator:
         return ConfusionMatrixAccumulator(self.num_classes, ignore_index=self.ignore_index)
 
-    @staticmethod
-    def update_metrics(acc: ConfusionMatrixAccumulator, prediction: jax.Array, labels: Mapping[str, Any]) -> None:
-        acc.update(jnp.argmax(jnp.asarray(prediction), axis=-1), labels[keys.SEMSEG])
+    def update_metrics(self, acc: ConfusionMatrixAccumulator, prediction: jax.Array, labels: Mapping[str, Any]) -> None:
+        acc.update(jnp.argmax(jnp.asarray(prediction), axis=-1), labels[self.label_key])
 
     def pictures(self, prediction: np.ndarray) -> dict[str, np.ndarray]:
         """The argmax classes in palette colours, and the softmax confidence (bright = confident)."""
@@ -129,7 +136,7 @@ class SegmentationTask:
                 "confidence": viz.colorize(e.max(-1) / e.sum(-1), 0.0, 1.0)}
 
     def label_picture(self, labels: Mapping[str, np.ndarray]) -> np.ndarray:
-        return viz.semseg_to_rgb(labels[keys.SEMSEG], self.ignore_index)
+        return viz.semseg_to_rgb(labels[self.label_key], self.ignore_index)
 
     def legend(self) -> np.ndarray:
         """Class swatches (black: ignore); the confidence bar."""
@@ -139,10 +146,15 @@ class SegmentationTask:
         return np.concatenate([classes, np.pad(bar, ((0, 0), (0, classes.shape[1] - bar.shape[1]), (0, 0)))])
 
 
-def make(config: ml_collections.ConfigDict) -> SegmentationTask:
-    """`config.task` (the fields of `SegmentationTask`) -> the task."""
-    fields = task_fields(SegmentationTask, config)
+def from_config(cls: type[SegmentationTask], config: ml_collections.ConfigDict) -> SegmentationTask:
+    """`config.task` (the fields of the segmentation task class `cls`) -> the task."""
+    fields = task_fields(cls, config)
     if "class_names" in fields:
         fields["class_names"] = tuple(fields["class_names"])
-    return SegmentationTask(**fields)
+    return cls(**fields)
+
+
+def make(config: ml_collections.ConfigDict) -> SegmentationTask:
+    """`config.task` (the fields of `SegmentationTask`) -> the task."""
+    return from_config(SegmentationTask, config)
 

@@ -227,6 +227,9 @@ def make_optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0
                    accumulate_steps: int = 1) -> optax.GradientTransformation:
     """Adam (public code: constant 3.57e-4) or AdamW under `schedule`, optional global-norm clipping.
 
+    `weight_decay` with "adam" is torch's `Adam(weight_decay=...)`: an L2 term added to the gradient before the
+    moments (InvPT's 1e-6); with "adamw" it is decoupled.
+
     `unet_lr_mult` scales the UNet's learning rate when it is trained (VPD: 0.1 on ADE20K, 0.01 on NYUv2 depth); the
     other groups ("head", "adapter") train at `learning_rate`. Deviation from VPD's ADE20K config: its mmcv
     `paramwise_cfg` matches names by substring, so UNet params whose name contains "norm" (the attention blocks'
@@ -238,7 +241,8 @@ def make_optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0
     """
     def base(lr: float) -> optax.GradientTransformation:
         if name == "adam":
-            return optax.adam(schedule(lr))
+            adam = optax.adam(schedule(lr))
+            return optax.chain(optax.add_decayed_weights(weight_decay), adam) if weight_decay else adam
         if name == "adamw":
             return optax.adamw(schedule(lr), weight_decay=weight_decay)
         raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'adamw'")

@@ -10,6 +10,10 @@ from d2i_jax.perception.fusion import FeatureFusion, group_by_stride
 from d2i_jax.perception.model import DensePredictor
 
 
+def make_fusion(config: ml_collections.ConfigDict) -> FeatureFusion:
+    """The public fusion with `config.fusion`'s fields."""
+    return FeatureFusion(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.fusion.items()})
+
+
 def make_predictor(config: ml_collections.ConfigDict, head: nn.Module) -> DensePredictor:
-    fusion = FeatureFusion(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.fusion.items()})
-    return DensePredictor(fusion, head, select=group_by_stride)
+    return DensePredictor(make_fusion(config), head, select=group_by_stride)
