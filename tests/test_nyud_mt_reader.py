@@ -92,6 +92,15 @@ def test_label_keys_pick_the_files_required(copy):
         NyudMT(root, "train", label_keys=("edge",))
 
 
+def test_the_normals_and_multitask_label_keys(layout):
+    """The normals task asks for (normal, mask); a multi-task model for every label at once, in any order."""
+    root = layout[0]
+    assert NyudMT(root, "train", label_keys=(keys.MASK, keys.SEMSEG)).label_keys == (keys.SEMSEG, keys.NORMAL)
+    every = NyudMT(root, "train", label_keys=(keys.NORMAL, keys.MASK, keys.DEPTH, keys.SEMSEG))
+    assert every.label_keys == (keys.SEMSEG, keys.DEPTH, keys.NORMAL)
+    assert {keys.SEMSEG, keys.DEPTH, keys.NORMAL, keys.MASK} <= set(every[0])
+
+
 def test_missing_files_named_at_construction(copy):
     root, _ = copy
     (root / "depth" / "0007.npy").unlink()

@@ -98,9 +98,8 @@ def write_example(root, example_id, rng):
             "normal": n, "mask": mask, "labels_mask_only": np.any(normals != 0, axis=-1)}
 
 
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pascal")
+def write_layout(root):
+    """The tiny dataset under `root`; returns what each example's labels must decode to."""
     for folder in ("JPEGImages", "ImageSets/Context", "semseg/VOC12", "semseg/pascal-context", "human_parts",
                    "sal_distill", "normals_distill", "pascal-context/trainval", "caption"):
         (root / folder).mkdir(parents=True)
@@ -109,7 +108,13 @@ def layout(tmp_path_factory):
     (root / "ImageSets" / "Context" / "train.txt").write_text("\n".join(IDS["train"]))  # no trailing newline
     (root / "ImageSets" / "Context" / "val.txt").write_text("\n".join(IDS["val"]) + "\n")
     (root / "caption" / "2008_000003.txt").write_text("a cat on a sofa\n")
-    return root, written
+    return written
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pascal")
+    return root, write_layout(root)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ rows); one section per key holding that task's own `config.task` (with its `name
 normals 10 on PASCAL-Context). `decoder`: "heads" (decoder (a): each task's own head, `config.task.<key>.head`, on the
 shared Diff-2-in-1 fusion) or "invpt" (decoder (b): InvPT's ViT + decoder with the SD features added, one joint head,
 `config.task.invpt`; needs `model.features = "invpt"`; both its final and intermediate predictions are supervised,
-as InvPT's). Optional `baseline`: single-task results `{"<key>/<metric>": value}` that the
+as InvPT's; a task whose head output is not the decoder's raw maps says how to read them with `readout_channels`
+and `readout`, as the normals task does). Optional `baseline`: single-task results `{"<key>/<metric>": value}` that the
 evaluation's multi-task performance Δm is measured against.
 
 A multi-task prediction is its tasks' predictions concatenated on the channel axis (`channels` each), so every stage
@@ -37,7 +38,7 @@ from d2i_jax.perception.multi_head import MultiHead, MultiTaskOutputs
 from d2i_jax.tasks.base import MetricAccumulator, Task
 
 # metric keys where lower is better (errors); every other metric is a score
-LOWER_IS_BETTER = frozenset({"rmse", "abs_rel", "sq_rel", "log10", "rmse_log", "mean", "median"})
+LOWER_IS_BETTER = frozenset({"rmse", "abs_rel", "sq_rel", "log10", "rmse_log", "silog", "mean", "median"})
 OWN_KEYS = ("name", "tasks", "loss_weights", "baseline", "decoder", "invpt")
 DECODERS = ("heads", "invpt")
 
