@@ -86,11 +86,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.kind = "bae"  # the two keys below; "mmseg_seg": mmseg 0.x's / VPD's ADE20K training pipeline
     # (`d2i_jax.data.seg_augment`: random keep-ratio resize, crop, flip, photometric distortion, pad; image and
-    # semseg only) with the four keys after them, the training split then read at its stored size
+    # semseg only) with the four keys after them, the training split then read at its stored size; "invpt_mt":
+    # InvPT's multi-task pipeline (`d2i_jax.data.mt_augment`: scale x U(ratio_range), crop to crop_size with
+    # cat_max_ratio, flip, photometric distortion, centred pad; every label), read at the stored size too
     c.data.augment.hflip = False  # public code: no augmentation (Bae's recipe: hflip with n_x negated)
     c.data.augment.color_jitter = 0.0  # Bae's recipe: 0.2
     c.data.augment.scale = (2048, 512)  # "mmseg_seg": Resize img_scale (long, short), times a ratio drawn from
-    c.data.augment.ratio_range = (0.5, 2.0)  # ... this range
+    c.data.augment.ratio_range = (0.5, 2.0)  # ... this range ("invpt_mt": the scale factor's range)
     c.data.augment.crop_size = (512, 512)  # "mmseg_seg": RandomCrop / Pad size (h, w), normally data.image_size
     c.data.augment.cat_max_ratio = 0.75  # "mmseg_seg": crops redrawn (10 tries) while one class covers this much
     c.data.scenes = ml_collections.ConfigDict()  # data.name = "scenes" only (procedural rooms, rendered once)

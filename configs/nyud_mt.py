@@ -58,9 +58,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.root = ""  # required: the NYUD-MT folder (images/, segmentation/, depth/, normals/, gt_sets/)
     c.data.train_split = "train"  # 795 images
     c.data.test_split = "val"  # 654 images, evaluated at 480 x 640
-    c.data.image_size = (448, 576)  # config.py TRAIN.SCALE / TEST.SCALE
-    c.data.augment.hflip = True  # InvPT flips (normals' x negated); deviation: its random scaling (0.5-2), crop
-    # and photometric distortion are not reproduced, the frames are resized to image_size
+    c.data.image_size = (448, 576)  # config.py TRAIN.SCALE / TEST.SCALE; evaluation: each test frame resized to it,
+    # the prediction back to the frame's size (evaluate.inference = "whole"; InvPT pads to TEST.SCALE instead)
+    c.data.augment.kind = "invpt_mt"  # common_config.py get_transformations: RandomScaling(0.5, 2.0), RandomCrop
+    c.data.augment.ratio_range = (0.5, 2.0)  # (TRAIN.SCALE, cat_max_ratio=0.75), RandomHorizontalFlip,
+    c.data.augment.crop_size = (448, 576)  # PhotoMetricDistortion, PadImage(TRAIN.SCALE), AddIgnoreRegions
+    c.data.augment.cat_max_ratio = 0.75
     c.data.fallback_caption = ""  # captions/<id>.txt when present (the paper's creation prompts)
 
     c.train.batch_size = 2  # yml trBatch (paper A.3: batch 1 in the self-improving stage; one batch size here)

@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.train_split = "train"  # 4,998 images
     c.data.test_split = "val"  # 5,105 images
     c.data.image_size = (512, 512)  # config.py TRAIN.SCALE / TEST.SCALE
+    c.data.augment.crop_size = (512, 512)  # InvPT's pipeline (configs/nyud_mt.py) at TRAIN.SCALE
     c.data.normal_classes = True  # pascal_context.py: normals valid only on the classes NYUD labels (needs
     # pascal-context/trainval/<id>.mat); False: every non-zero normal pixel is valid
 

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from d2i_jax import stages
-from d2i_jax.data import get_source, seg_augment
+from d2i_jax.data import get_source, mt_augment, seg_augment
 from d2i_jax.data.mixture import Mixture
 from d2i_jax.data.nyu import Augment, augment
 from d2i_jax.data.pipeline import RandomAccessSource
@@ -49,7 +49,8 @@ from d2i_jax.training.steps import Steps
 from weights_conversion.diff2in1 import MODEL_INFO
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-AUGMENTATIONS = ("bae", "mmseg_seg")  # `config.data.augment.kind`, see `Run.augmentation`
+AUGMENTATIONS = ("bae", "mmseg_seg", "invpt_mt")  # `config.data.augment.kind`, see `Run.augmentation`
+CROPPING = ("mmseg_seg", "invpt_mt")  # augmentations that bring the stored images to the input size themselves
 CONTEXTS = ("prompt", "class_embeddings")  # `config.model.context`
 
 
@@ -285,13 +286,13 @@ class Run:
         """The dataset plug-in `config.data.name`'s split, with the task's labels, at the training resolution (or as
         stored, for evaluation), guarded against bad files by `config.data.on_bad_file` / `check_files`.
         `training`: the examples `fit` augments (`augmentation`), as stored when the augmentation crops them to the
-        input size itself (`data.augment.kind = "mmseg_seg"`). `evaluation`: `config.data` with the overrides of
+        input size itself (`data.augment.kind` in `CROPPING`). `evaluation`: `config.data` with the overrides of
         `config.evaluate.data` (e.g. train on Hypersim, evaluate on NYUv2)."""
         return self._data_source(self.data_config(evaluation), split, native_size=native_size, training=training)
 
     def _data_source(self, cfg: ml_collections.ConfigDict, split: str, *, native_size: bool = False,
                      training: bool = False) -> RandomAccessSource:
-        native_size = native_size or (training and cfg.augment.kind == "mmseg_seg")
+        native_size = native_size or (training and cfg.augment.kind in CROPPING)
         source = get_source(cfg, split, size=None if native_size else tuple(cfg.image_size),
                             label_keys=self.task.label_keys, workdir=self.workdir, seed=self.config.seed)
         return self._guarded(source, f"{cfg.name}/{split}")
@@ -352,8 +353,8 @@ class Run:
 
     def augmentation(self) -> Any:
         """`fn(example, rng)` for the loader by `config.data.augment.kind`: "bae" (hflip with n_x negated, colour
-        jitter; None when both are off, as the public code) or "mmseg_seg" (`d2i_jax.data.seg_augment`: VPD's
-        ADE20K training pipeline)."""
+        jitter; None when both are off, as the public code), "mmseg_seg" (`d2i_jax.data.seg_augment`: VPD's
+        ADE20K training pipeline) or "invpt_mt" (`d2i_jax.data.mt_augment`: InvPT's multi-task pipeline)."""
         aug = self.config.data.augment
         if aug.kind not in AUGMENTATIONS:
             raise ValueError(f"config.data.augment.kind must be one of {AUGMENTATIONS}, got {aug.kind!r}")
@@ -361,6 +362,10 @@ class Run:
             config = seg_augment.SegAugment(scale=tuple(aug.scale), ratio_range=tuple(aug.ratio_range),
                                             crop_size=tuple(aug.crop_size), cat_max_ratio=aug.cat_max_ratio)
             return functools.partial(seg_augment.augment, config=config)
+        if aug.kind == "invpt_mt":
+            config = mt_augment.MultiTaskAugment(scale_range=tuple(aug.ratio_range), crop_size=tuple(aug.crop_size),
+                                                 cat_max_ratio=aug.cat_max_ratio)
+            return functools.partial(mt_augment.augment, config=config)
         if not (aug.hflip or aug.color_jitter):
             return None
         j = aug.color_jitter

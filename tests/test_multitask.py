@@ -234,6 +234,9 @@ def test_configs_follow_invpt():
         assert (c.train.schedule, c.train.poly_power, c.train.total_steps, c.warmup.steps) == ("poly", 0.9, 40000,
                                                                                               40000)
         assert (c.self_improve.ema_decay, c.self_improve.ema_every_samples, c.create.num_images) == (decay, 40, images)
+        aug = c.data.augment
+        assert (aug.kind, tuple(aug.ratio_range), tuple(aug.crop_size), aug.cat_max_ratio) == ("invpt_mt", (0.5, 2.0),
+                                                                                              size, 0.75)
         subs = dict(task.tasks)
         assert subs["semseg"].avg_non_ignore and subs["normals"].loss == "l1"
     pascal = dict(_pascal_task().tasks)

@@ -106,6 +106,7 @@ def test_pascal_multitask_runs_every_stage(sd_path, tmp_path):
     test_pascal_context.write_layout(tmp_path / "pascal")
     c = micro(pascal_mt, sd_path)
     c.data.root = str(tmp_path / "pascal")
+    c.data.augment.crop_size = (64, 64)  # InvPT's pipeline on the stored 12 x 16 images: scaled, padded
     c.train.batch_size, c.train.schedule, c.warmup.steps = 3, "constant", 0
     c.self_improve.ema_every_samples = 3
     c.evaluate.batch_size = 1
