@@ -140,6 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.self_improve = ml_collections.ConfigDict()
     c.self_improve.epochs = 50
+    c.self_improve.batch_size = 0  # 0: train.batch_size (paper: the multi-task setting trains at batch 1 here)
     c.self_improve.ema_decay = 0.998  # paper: 0.998 (0.999 on PASCAL-Context), robust over 0.99-0.999
     c.self_improve.ema_every_samples = 80  # public code: ema_update_interval=10 over its `batch_size`, reassigned to
     # n_samples=1, so every 10 steps of the loader's batch 8; paper: every 40 samples (batch 4: 10 steps), set 40

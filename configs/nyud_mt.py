@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.augment.cat_max_ratio = 0.75
     c.data.fallback_caption = ""  # captions/<id>.txt when present (the paper's creation prompts)
 
-    c.train.batch_size = 2  # yml trBatch (paper A.3: batch 1 in the self-improving stage; one batch size here)
+    c.train.batch_size = 2  # yml trBatch: the warm-up is InvPT's training
     c.train.optimizer = "adam"  # yml optimizer: torch Adam with L2 weight decay
     c.train.lr = 2e-5  # yml optimizer_kwargs
     c.train.weight_decay = 1e-6  # yml optimizer_kwargs
@@ -78,9 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmup.steps = 40000  # yml max_iter: the warm-up is InvPT's training (paper A.3: the original works' schedule)
 
     c.create.num_images = 500  # paper §5: 500 synthetic samples on NYUD-MT, as for NYUv2 normals
-    c.self_improve.epochs = 31  # paper A.3: theta_E continues the same scheme (length not given): ~20k iterations
-    # over the 795 real + 500 synthetic images at batch 2, half the warm-up, as configs/ade20k.py
+    c.self_improve.epochs = 16  # paper A.3: theta_E continues the same scheme (length not given): ~20k iterations
+    # over the 795 real + 500 synthetic images at batch 1, half the warm-up's, as configs/ade20k.py
     c.self_improve.ema_decay = 0.998  # paper A.3
-    c.self_improve.ema_every_samples = 40  # paper A.3: every 40 samples (batch 1: 40 iterations; batch 2: 20)
+    c.self_improve.batch_size = 1  # paper A.3: "for the multi-task frameworks, the batch size is 1"
+    c.self_improve.ema_every_samples = 40  # paper A.3: every 40 samples, so every 40 iterations
     c.self_improve.label_mode = "eval"  # no public multi-task code: theta_C's eval-mode prediction of every task
     return c

@@ -58,6 +58,6 @@ def get_config() -> ml_collections.ConfigDict:
     # pascal-context/trainval/<id>.mat); False: every non-zero normal pixel is valid
 
     c.create.num_images = -1  # paper §5: one synthetic sample per training image
-    c.self_improve.epochs = 4  # ~20k iterations over 2 x 4,998 images at batch 2 (see configs/nyud_mt.py)
+    c.self_improve.epochs = 2  # ~20k iterations over 2 x 4,998 images at batch 1 (see configs/nyud_mt.py)
     c.self_improve.ema_decay = 0.999  # paper A.3: 0.999 on PASCAL-Context
     return c

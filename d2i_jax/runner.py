@@ -8,6 +8,7 @@ files.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -372,12 +373,15 @@ class Run:
         return functools.partial(augment, config=Augment(hflip=aug.hflip, brightness=j, contrast=j, saturation=j))
 
     def fit(self, stage: str, steps: Any, state: TrainState, source: RandomAccessSource, *, epochs: int,
-            shuffle: bool = True, max_steps: int = 0) -> TrainState:
-        """`d2i_jax.training.loop.fit` with this run's mesh, frozen params, contexts, logs and settings; checkpoints
-        in `workdir/<stage>/checkpoints`."""
+            shuffle: bool = True, max_steps: int = 0, batch_size: int | None = None) -> TrainState:
+        """`d2i_jax.training.loop.fit` with this run's mesh, frozen params, contexts, logs and settings (the global
+        batch `batch_size`, default `train.batch_size`); checkpoints in `workdir/<stage>/checkpoints`."""
+        options = FitOptions.from_config(self.config)
+        if batch_size:
+            options = dataclasses.replace(options, batch_size=batch_size)
         return fit(stage, steps, state, source, frozen=self.frozen, mesh=self.mesh, contexts=self.contexts,
                    checkpoint_dir=self.stage_dir(stage) / "checkpoints", writer=self.writer,
-                   options=FitOptions.from_config(self.config), epochs=epochs, shuffle=shuffle,
+                   options=options, epochs=epochs, shuffle=shuffle,
                    random_map=self.augmentation(), max_steps=max_steps)
 
 

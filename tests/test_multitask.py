@@ -231,6 +231,7 @@ def test_configs_follow_invpt():
         assert dict(zip(dict(task.tasks), task.loss_weights, strict=True)) == weights
         assert tuple(c.data.image_size) == size
         assert (c.train.optimizer, c.train.lr, c.train.weight_decay, c.train.batch_size) == ("adam", 2e-5, 1e-6, 2)
+        assert c.self_improve.batch_size == 1  # paper A.3
         assert (c.train.schedule, c.train.poly_power, c.train.total_steps, c.warmup.steps) == ("poly", 0.9, 40000,
                                                                                               40000)
         assert (c.self_improve.ema_decay, c.self_improve.ema_every_samples, c.create.num_images) == (decay, 40, images)

@@ -81,8 +81,8 @@ def test_create_without_captions_conditions_on_the_empty_prompt(run, created):
 def test_fixed_teacher_trains_on_stored_labels_and_saves_theta_e(run, created, monkeypatch):
     seen = {}
 
-    def recording_fit(stage, steps, state, source, *, epochs, shuffle):
-        seen.update(steps=steps, source=source)
+    def recording_fit(stage, steps, state, source, *, epochs, shuffle, batch_size):
+        seen.update(steps=steps, source=source, batch_size=batch_size)
         return state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))  # theta_E != theta_C
 
     monkeypatch.setattr(run, "fit", recording_fit)
@@ -91,7 +91,7 @@ def test_fixed_teacher_trains_on_stored_labels_and_saves_theta_e(run, created, m
         self_improve.run(run)
     finally:
         run.config.self_improve.teacher = "ema"
-    assert seen["steps"].ema_every == 0
+    assert seen["steps"].ema_every == 0 and seen["batch_size"] == run.config.train.batch_size  # batch_size 0
     examples = [seen["source"][i] for i in range(len(seen["source"]))]
     assert len(examples) == 8 and not any(keys.SYNTHETIC in e for e in examples)  # nobody relabels them
     for e in examples[4:]:  # the synthetic half: theta_W's stored labels are its ground truth

@@ -100,7 +100,7 @@ def test_multitask_runs_every_stage(sd_path, tmp_path):
         assert (tmp_path / "generate" / f"{name}.png").stat().st_size > 0
 
 
-def test_pascal_multitask_runs_every_stage(sd_path, tmp_path):
+def test_pascal_multitask_runs_every_stage(sd_path, tmp_path, capsys):
     """configs/pascal_mt.py on a PASCAL-Context fixture in its real formats (a person-free image among them):
     segmentation, human parts, saliency and normals trained, created, self-improved and scored."""
     test_pascal_context.write_layout(tmp_path / "pascal")
@@ -111,6 +111,7 @@ def test_pascal_multitask_runs_every_stage(sd_path, tmp_path):
     c.self_improve.ema_every_samples = 3
     c.evaluate.batch_size = 1
     r = runner.run(c, tmp_path / "run")
+    assert "3 real + 3 synthetic images (pool), 1 epochs, batch 1" in capsys.readouterr().out  # the paper's batch 1
     label_dir = tmp_path / "run" / "create" / "label"
     assert sorted(p.name for p in label_dir.iterdir()) == ["normals", "parts", "saliency", "semseg"]
     labels = r.task.read_label(r.task.label_file(label_dir, "000002"), (64, 64))

@@ -16,13 +16,15 @@ if TYPE_CHECKING:
     from d2i_jax.runner import Run
 
 
-def optimizer(config: ml_collections.ConfigDict, num_examples: int, epochs: int) -> optax.GradientTransformation:
-    """`config.train`'s optimiser for a stage of `epochs` passes over `num_examples` examples, which set the
-    schedule's length (in updates: steps / `train.accumulate_steps`) unless `train.total_steps` does; the UNet at
-    `model.unet_lr_mult` when it is trained."""
+def optimizer(config: ml_collections.ConfigDict, num_examples: int, epochs: int,
+              batch_size: int | None = None) -> optax.GradientTransformation:
+    """`config.train`'s optimiser for a stage of `epochs` passes over `num_examples` examples in batches of
+    `batch_size` (default `train.batch_size`), which set the schedule's length (in updates: steps /
+    `train.accumulate_steps`) unless `train.total_steps` does; the UNet at `model.unet_lr_mult` when it is trained."""
     cfg = config.train
     accumulate = cfg.get("accumulate_steps", 1)
-    schedule = LRSchedule(cfg.schedule, cfg.total_steps or epochs * (num_examples // cfg.batch_size) // accumulate,
+    per_epoch = num_examples // (batch_size or cfg.batch_size)
+    schedule = LRSchedule(cfg.schedule, cfg.total_steps or epochs * per_epoch // accumulate,
                           cfg.warmup_steps, cfg.warmup_ratio, cfg.poly_power, cfg.min_lr,
                           cfg.get("final_ratio", 0.01))
     return make_optimizer(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
