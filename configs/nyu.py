@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "nyu"  # dataset plug-in (`d2i_jax.data.<name>`): the Bae / public-code NYUv2 layout
     c.data.root = ""  # required: NYUv2 normals in the public code's layout
+    c.data.source = "folder"  # read the files under `root`; "tfds": the TFDS array_record files of the same examples
+    # that `python -m d2i_jax.data.tfds_build` built under `tfds_dir` (no TensorFlow; `pip install -e '.[tfds]'`)
+    c.data.tfds_dir = ""  # data.source = "tfds": the TFDS data dir (the builder's --out)
     c.data.train_split = "train"  # 795 images
     c.data.test_split = "test"  # 654 images
     c.data.image_size = (512, 512)

@@ -24,6 +24,14 @@ def load(package: str, name: str, function: str, *, what: str) -> Callable[..., 
 
 
 def available(package: str, function: str) -> list[str]:
-    """Modules of `package` that define `function`."""
+    """Modules of `package` that define `function` (a module whose optional dependency is not installed, e.g. the
+    TFDS builder without the `tfds` extra, is left out)."""
     names = (m.name for m in pkgutil.iter_modules(importlib.import_module(package).__path__))
-    return sorted(n for n in names if hasattr(importlib.import_module(f"{package}.{n}"), function))
+    return sorted(n for n in names if hasattr(_import_or_none(f"{package}.{n}"), function))
+
+
+def _import_or_none(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
