@@ -40,6 +40,33 @@ def test_ema_matches_closed_form_and_fires_every_n_steps():
     np.testing.assert_allclose(state.ema_batch_stats["s"], decay**n, rtol=1e-6)  # norm state follows too
 
 
+def test_adam_weight_decay_is_torchs_l2():
+    """`make_optimizer("adam", weight_decay=...)` = torch.optim.Adam(weight_decay=...) (InvPT's): the decay added to
+    the gradient before the moments, over several steps."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    w0, grads = rng.normal(size=(5,)), rng.normal(size=(4, 5))
+    ref = torch.tensor(w0, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([ref], lr=1e-2, weight_decay=0.1)
+    for g in grads:
+        ref.grad = torch.tensor(g, dtype=torch.float32)
+        opt.step()
+    ours = _adam_steps(w0, grads, weight_decay=0.1)
+    np.testing.assert_allclose(ours, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ours, _adam_steps(w0, grads), atol=1e-4)  # the decay did something
+
+
+def _adam_steps(w0: np.ndarray, grads: np.ndarray, **kwargs) -> np.ndarray:
+    """`w0` after one `make_optimizer("adam", 1e-2, **kwargs)` update per gradient."""
+    tx = make_optimizer("adam", 1e-2, **kwargs)
+    w = jnp.asarray(w0, jnp.float32)
+    state = tx.init(w)
+    for g in grads:
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, w)
+        w = optax.apply_updates(w, updates)
+    return np.asarray(w)
+
+
 def test_ema_every_steps():
     assert ema_every_steps(40, 4) == 10 and ema_every_steps(40, 8) == 5
     with pytest.raises(ValueError, match="not a multiple"):

@@ -125,8 +125,7 @@ class OneStepBackbone(Backbone):
                 noise = multi_res_noise(jax.random.fold_in(rng, 1), rgb.shape, strength).astype(rgb.dtype)
             label = None if targets is None else self.label_latent(vae_params, targets[0])
             x_t = noise if label is None else q_sample(self.schedule, label, noise, t)
-            out, feats = self.unet_pass(unet_params, self._unet_input(rgb, x_t), t, context)
-            latent, up = predict_x0(self.schedule, out, t, x_t), tuple(feats.up_block_outputs())
+            latent, up, out = self._x0(unet_params, rgb, x_t, t, context)
             if label is not None:
                 error = latent_error(out, denoiser_target(self.schedule, label, noise, t), targets[1])
         else:
@@ -135,9 +134,10 @@ class OneStepBackbone(Backbone):
         return OneStepFeatures(pixels, latent, up, error)
 
     def _x0(self, unet_params: Any, rgb: jax.Array, x_t: jax.Array, t: jax.Array, context: jax.Array
-            ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+            ) -> tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
+        """(the x0 estimate, the up-block outputs, the UNet's raw output) of one pass at `t`."""
         out, feats = self.unet_pass(unet_params, self._unet_input(rgb, x_t), t, context)
-        return predict_x0(self.schedule, out, t, x_t), tuple(feats.up_block_outputs())
+        return predict_x0(self.schedule, out, t, x_t), tuple(feats.up_block_outputs()), out
 
     def inference_timesteps(self) -> np.ndarray:
         """The descending DDIM timesteps of `num_steps` steps ([1] for one step, as GenPercept's inference)."""
@@ -155,7 +155,7 @@ class OneStepBackbone(Backbone):
             t_batch = jnp.full((x.shape[0],), t, jnp.int32)
             out, _ = self.unet_pass(unet_params, self._unet_input(rgb, x), t_batch, context)
             x = ddim_step(self.schedule, out, t_batch, jnp.full_like(t_batch, t_prev), x).prev_sample
-        return self._x0(unet_params, rgb, x, jnp.full((x.shape[0],), timesteps[-1], jnp.int32), context)
+        return self._x0(unet_params, rgb, x, jnp.full((x.shape[0],), timesteps[-1], jnp.int32), context)[:2]
 
 
 def latent_error(prediction: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
