@@ -14,7 +14,7 @@ paper's own settings cite its appendix A.3. Deviations from InvPT are said where
 import ml_collections
 
 from configs import nyu
-from d2i_jax.data.nyud_mt import NUM_CLASSES
+from d2i_jax.data.nyud_mt import CLASS_NAMES, NUM_CLASSES
 
 
 def head() -> ml_collections.ConfigDict:
@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.semseg = ml_collections.ConfigDict()
     c.task.semseg.name = "segmentation"
     c.task.semseg.num_classes = NUM_CLASSES  # config.py NUM_OUTPUT semseg = 40 on NYUD
+    c.task.semseg.class_names = CLASS_NAMES  # eval_semseg.py NYU_CATEGORY_NAMES (legends, per-class IoU)
     c.task.semseg.avg_non_ignore = True  # loss_functions.py CrossEntropyLoss: summed, / the labelled pixels
     c.task.semseg.pseudo_label_threshold = 0.0  # theta_C labels every pixel (the paper gives no threshold)
     c.task.semseg.head = head()

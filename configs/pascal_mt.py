@@ -13,7 +13,7 @@ appendix A.3.
 import ml_collections
 
 from configs import nyud_mt
-from d2i_jax.data.pascal_context import NUM_CLASSES
+from d2i_jax.data.pascal_context import CLASS_NAMES, NUM_CLASSES
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.semseg = ml_collections.ConfigDict()
     c.task.semseg.name = "segmentation"
     c.task.semseg.num_classes = NUM_CLASSES  # config.py NUM_OUTPUT semseg = 21 on PASCALContext
+    c.task.semseg.class_names = CLASS_NAMES  # eval_semseg.py VOC_CATEGORY_NAMES
     c.task.semseg.avg_non_ignore = True  # loss_functions.py CrossEntropyLoss: / the labelled pixels
     c.task.semseg.head = head()
 

@@ -34,6 +34,12 @@ from d2i_jax.data.files import (
 from d2i_jax.data.id_list import IdListSource
 
 NUM_CLASSES = 40
+CLASS_NAMES = (  # the 40 classes in label order (InvPT's evaluation/eval_semseg.py, NYU_CATEGORY_NAMES)
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture", "counter",
+    "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes", "ceiling", "books",
+    "refridgerator", "television", "paper", "towel", "shower curtain", "box", "whiteboard", "person", "night stand",
+    "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
+)
 LABEL_KEYS = (keys.SEMSEG, keys.DEPTH, keys.NORMAL)
 FILES = {  # key -> (folder, accepted suffixes in the order they are looked for)
     keys.IMAGE: ("images", (".png", ".jpg")),

@@ -45,6 +45,10 @@ from d2i_jax.data.id_list import IdListSource
 from d2i_jax.data.nyud_mt import read_ids
 
 NUM_CLASSES = 21  # semantic segmentation: background + the 20 VOC classes
+CLASS_NAMES = (  # in label order (InvPT's evaluation/eval_semseg.py, VOC_CATEGORY_NAMES)
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
 PERSON_CLASS = 15  # PASCAL-Part's `class_ind` of a person
 # InvPT's `HUMAN_PART[6]`: PASCAL-Part person part names -> 1 head, 2 torso, 3 upper arm, 4 lower arm (and hand),
 # 5 upper leg, 6 lower leg (and foot); 0 = background
