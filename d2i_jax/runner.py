@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -88,10 +89,32 @@ def make_perceiver(config: ml_collections.ConfigDict, backbone: Backbone, task: 
                      context_adapter=TextAdapter() if config.model.context_adapter else None)
 
 
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_urls(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """Object-store paths (gs://, s3://, ...) are not read or written yet: `pathlib` would turn `gs://bucket/run` into
+    a local folder `gs:/bucket/run` and the run would silently write there. Raises naming the workdir or config key."""
+    if URL.match(str(workdir)):
+        raise ValueError(f"--workdir {workdir} is a URL: object stores are not supported yet; use a local or shared "
+                         "filesystem (NFS, Filestore, a gcsfuse mount)")
+
+    def scan(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                scan(value, f"{prefix}{key}.")
+            elif isinstance(value, str) and URL.match(value):
+                raise ValueError(f"config.{prefix}{key}={value!r} is a URL: object stores are not supported yet; "
+                                 "use a local or shared filesystem path (e.g. a gcsfuse mount)")
+
+    scan(config, "")
+
+
 class Run:
     """What the stages of one run share. Built once; the expensive parts on first use."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+        refuse_urls(config, workdir)
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ and configs/nyu_depth.py hold VPD's settings (VPD_FACTS)."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from d2i_jax.data.ade20k import CLASSES
 from d2i_jax.diffusion.schedule import ddim_timesteps
 from d2i_jax.perception.feature_paths import vpd
 from d2i_jax.perception.vpd import VPDTaskHead
-from d2i_jax.runner import CONTEXTS, compute_dtype
+from d2i_jax.runner import CONTEXTS, compute_dtype, refuse_urls
 from d2i_jax.stages import REGISTRY
 from d2i_jax.tasks import get_task
 from d2i_jax.training.state import ema_every_steps
@@ -159,3 +160,16 @@ def test_diff2in1_configs_keep_the_default_feature_pass_and_optimiser():
         assert c.model.scale_latents and c.model.noise_features and c.model.features == "diff2in1"
         assert c.model.context == "prompt" and not c.model.context_adapter
         assert c.train.schedule == "constant"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in Path("configs").glob("*.py") if p.stem != "__init__"))
+def test_object_store_paths_are_refused_by_name(name, tmp_path):
+    """Every shipped config is local; a gs:// workdir or config path is refused naming it (pathlib would otherwise
+    turn gs://bucket into a local folder gs:/bucket and write there)."""
+    config = importlib.import_module(f"configs.{name}").get_config()
+    refuse_urls(config, tmp_path)
+    with pytest.raises(ValueError, match="--workdir gs://bucket/run is a URL"):
+        refuse_urls(config, "gs://bucket/run")
+    config.data.root = "gs://bucket/nyu"
+    with pytest.raises(ValueError, match=r"config\.data\.root='gs://bucket/nyu' is a URL"):
+        refuse_urls(config, tmp_path)
