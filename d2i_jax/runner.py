@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from d2i_jax import stages
 from d2i_jax.data import get_source, mt_augment, seg_augment
+from d2i_jax.data.files import is_url
 from d2i_jax.data.mixture import Mixture
 from d2i_jax.data.nyu import Augment, augment
 from d2i_jax.data.pipeline import RandomAccessSource
@@ -89,23 +90,25 @@ def make_perceiver(config: ml_collections.ConfigDict, backbone: Backbone, task: 
                      context_adapter=TextAdapter() if config.model.context_adapter else None)
 
 
-URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+DATA_ROOTS = re.compile(r"^(data|evaluate\.data)(\.mix\.[^.]+)?\.root$")  # config keys the readers read
 
 
 def refuse_urls(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
-    """Object-store paths (gs://, s3://, ...) are not read or written yet: `pathlib` would turn `gs://bucket/run` into
-    a local folder `gs:/bucket/run` and the run would silently write there. Raises naming the workdir or config key."""
-    if URL.match(str(workdir)):
-        raise ValueError(f"--workdir {workdir} is a URL: object stores are not supported yet; use a local or shared "
-                         "filesystem (NFS, Filestore, a gcsfuse mount)")
+    """Object-store paths (gs://, s3://, ...) are read only as dataset roots (`DATA_ROOTS`: the readers go through
+    `etils.epath`); anywhere else (workdir, weights, TFDS, caches) `pathlib` would turn `gs://bucket/run` into a local
+    folder `gs:/bucket/run` and the run would silently write there. Raises naming the workdir or config key."""
+    if is_url(workdir):
+        raise ValueError(f"--workdir {workdir} is a URL: object-store workdirs are not supported yet; use a local or "
+                         "shared filesystem (NFS, Filestore, a gcsfuse mount)")
 
     def scan(node: Any, prefix: str) -> None:
         for key, value in node.items():
             if isinstance(value, ml_collections.ConfigDict):
                 scan(value, f"{prefix}{key}.")
-            elif isinstance(value, str) and URL.match(value):
-                raise ValueError(f"config.{prefix}{key}={value!r} is a URL: object stores are not supported yet; "
-                                 "use a local or shared filesystem path (e.g. a gcsfuse mount)")
+            elif isinstance(value, str) and is_url(value) and not DATA_ROOTS.match(f"{prefix}{key}"):
+                raise ValueError(f"config.{prefix}{key}={value!r} is a URL: object stores are read only as dataset "
+                                 "roots (data.root) so far; use a local or shared filesystem path (e.g. a gcsfuse "
+                                 "mount)")
 
     scan(config, "")
 

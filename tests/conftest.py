@@ -13,6 +13,7 @@ os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_opt
 import jax
 import pytest
 
+from tests.gcs_emulator import gcs  # noqa: F401 - the fixture, for every test module
 from tests.sd_reference import CLIP_SD1, CLIP_SD2, UNET_SD1, UNET_SD2, VAE_SMALL, make_sd_folder
 
 jax.config.update("jax_default_matmul_precision", "highest")

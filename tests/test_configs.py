@@ -170,6 +170,8 @@ def test_object_store_paths_are_refused_by_name(name, tmp_path):
     refuse_urls(config, tmp_path)
     with pytest.raises(ValueError, match="--workdir gs://bucket/run is a URL"):
         refuse_urls(config, "gs://bucket/run")
-    config.data.root = "gs://bucket/nyu"
-    with pytest.raises(ValueError, match=r"config\.data\.root='gs://bucket/nyu' is a URL"):
+    config.data.root = "gs://bucket/nyu"  # dataset roots are read through etils.epath
+    refuse_urls(config, tmp_path)
+    config.sd_path = "gs://bucket/sd15"
+    with pytest.raises(ValueError, match=r"config\.sd_path='gs://bucket/sd15' is a URL"):
         refuse_urls(config, tmp_path)

@@ -10,11 +10,11 @@ ade20k_vpd.py`) uses; `CLASSES` and `PALETTE` are mmseg's `ADE20KDataset` lists,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from d2i_jax.data import keys
 from d2i_jax.data.files import (
@@ -81,9 +81,9 @@ PALETTE = np.array([
 PALETTE.flags.writeable = False
 
 
-def dataset_dir(root: str | Path) -> Path:
+def dataset_dir(root: epath.PathLike) -> epath.Path:
     """`root/ADEChallengeData2016` if that exists, else `root` (given as the dataset folder itself)."""
-    root = Path(root)
+    root = epath.Path(root)
     return root / FOLDER if (root / FOLDER).is_dir() else root
 
 
@@ -100,7 +100,7 @@ class Ade20k:
     """
 
     def __init__(
-        self, root: str | Path, split: str, *, size: tuple[int, int] | None = None, fallback_caption: str = "",
+        self, root: epath.PathLike, split: str, *, size: tuple[int, int] | None = None, fallback_caption: str = "",
         unknown_ids: str = "raise",
     ):
         if split not in SPLITS:
@@ -144,7 +144,7 @@ class Ade20k:
 
 
 def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
-                label_keys: Sequence[str], workdir: Path, seed: int = 0) -> Ade20k:
+                label_keys: Sequence[str], workdir: epath.PathLike, seed: int = 0) -> Ade20k:
     """`config.data.name = "ade20k"`: `ADEChallengeData2016` under `config.root` (splits "training" /
     "validation"); `config.unknown_ids` ("raise" | "ignore") decides what an id above 150 does."""
     del workdir, seed, label_keys  # segmentation only

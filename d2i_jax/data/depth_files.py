@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from d2i_jax.data import keys
@@ -103,7 +103,7 @@ class DepthRecord:
     focal: float | None = None
 
 
-def read_file_list(path: Path, fmt: DepthFormat) -> list[DepthRecord]:
+def read_file_list(path: epath.Path, fmt: DepthFormat) -> list[DepthRecord]:
     """The examples of a file list (blank lines skipped, "None" depths left out where `fmt.optional_depth`);
     raises naming the list, and `path:line` for a line of the wrong shape."""
     if not path.is_file():
@@ -192,8 +192,8 @@ class DepthList:
     def __init__(
         self,
         fmt: DepthFormat,
-        data: str | Path,
-        file_list: str | Path,
+        data: epath.PathLike,
+        file_list: epath.PathLike,
         *,
         size: tuple[int, int] | None = None,
         read_depth: bool = True,
@@ -217,7 +217,7 @@ class DepthList:
         self.depth_range = tuple(map(float, depth_range or fmt.depth_range))
         self.kb_crop = fmt.kb_crop if kb_crop is None else bool(kb_crop)
         self.fallback_caption = fallback_caption
-        self.file_list = Path(file_list)
+        self.file_list = epath.Path(file_list)
         self.records = read_file_list(self.file_list, fmt)
         if not self.records:
             raise DatasetFileError(f"no examples in {self.file_list}", self.file_list)
@@ -315,8 +315,8 @@ def make_depth_source(
         raise ValueError(f"config.data.name={fmt.name!r} has depth labels only; the task asks for {unknown}")
     if not config.get("root"):
         raise ValueError(f"config.data.root is empty: give the folder holding the {fmt.name} data")
-    root = Path(config.root)
-    list_dir = Path(config.get("list_dir", "") or root / "data_split")
+    root = epath.Path(config.root)
+    list_dir = epath.Path(config.get("list_dir", "") or root / "data_split")
     overrides = config.get("splits") or {}
     known = fmt.splits.get(split)
     if split in overrides:
@@ -351,7 +351,7 @@ def plugin_source(fmt: DepthFormat) -> Callable[..., DepthList]:
     read in `fmt` (each reader module sets `make_source = plugin_source(FORMAT)`)."""
 
     def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
-                    label_keys: Sequence[str], workdir: Path, seed: int = 0) -> DepthList:
+                    label_keys: Sequence[str], workdir: epath.PathLike, seed: int = 0) -> DepthList:
         del workdir, seed
         return make_depth_source(config, split, size=size, label_keys=label_keys, fmt=fmt)
 

@@ -3,16 +3,23 @@
 Every failure names the file: a missing one raises `FileNotFoundError`, an unreadable or malformed one
 `DatasetFileError`; both are `OSError`s and carry the path in `.path` as well (not `.filename`, which would change
 their message), so `d2i_jax.data.robust` can report and skip them alike.
+
+Paths are `str | os.PathLike` and go through `etils.epath`, so a dataset root on an object store (`gs://bucket/nyu`,
+read with gcsfs: `pip install d2i_jax[gcs]`) reads like a local folder; a remote file is fetched whole in one
+request and decoded from memory, a local one is opened by its path as before. Never pass a URL through
+`pathlib.Path`, which collapses `gs://b` to `gs:/b`; `epath.Path` keeps it, and errors name it intact.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import re
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from d2i_jax.data import keys
@@ -20,12 +27,31 @@ from d2i_jax.data import keys
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_MODES = ("RGB", "L", "RGBA", "P")  # PIL modes of photos; read as RGB
 UNKNOWN_IDS = ("raise", "ignore")
+URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # gs://, s3://, ...: paths of an object store
+
+PathLike = str | os.PathLike
+
+
+def is_url(path: PathLike) -> bool:
+    """Whether `path` names an object-store file (`gs://...`) rather than a local one."""
+    return bool(URL.match(os.fspath(path)))
+
+
+def as_path(path: PathLike) -> epath.Path:
+    """`path` as an `epath.Path`: local paths behave as `pathlib`'s, `gs://...` ones read through gcsfs."""
+    return epath.Path(path)
+
+
+def readable(path: PathLike) -> str | BinaryIO:
+    """What PIL / NumPy / SciPy read `path` from: a local path as it is (they open it themselves), a remote file's
+    bytes in memory (one request; the decoders seek, which costs a request each on an object store)."""
+    return io.BytesIO(as_path(path).read_bytes()) if is_url(path) else os.fspath(path)
 
 
 class DatasetFileError(OSError):
     """A dataset file exists but cannot be decoded, or does not have the expected shape / mode / values."""
 
-    def __init__(self, message: str, path: str | Path | None = None):
+    def __init__(self, message: str, path: PathLike | None = None):
         super().__init__(message)
         self.path = None if path is None else str(path)
 
@@ -33,30 +59,31 @@ class DatasetFileError(OSError):
         return type(self), (self.args[0], self.path)
 
 
-def not_found(message: str, path: Path) -> FileNotFoundError:
+def not_found(message: str, path: PathLike) -> FileNotFoundError:
     """A `FileNotFoundError` with `message` and the missing `path` in `.path`."""
     error = FileNotFoundError(message)
     error.path = str(path)
     return error
 
 
-def missing(path: Path, what: str) -> FileNotFoundError:
+def missing(path: PathLike, what: str) -> FileNotFoundError:
     """The error for a missing `what` file."""
     return not_found(f"{what} file not found: {path}", path)
 
 
-def load_image(path: Path, what: str, modes: Sequence[str]) -> Image.Image:
+def load_image(path: PathLike, what: str, modes: Sequence[str]) -> Image.Image:
     """Open and fully decode an image whose PIL mode is one of `modes`; errors name `path`."""
+    path = as_path(path)
     if not path.is_file():
         raise missing(path, what)
     return decode_image(path, path, what, modes)
 
 
-def decode_image(file: Path | bytes, name: str | Path, what: str, modes: Sequence[str]) -> Image.Image:
+def decode_image(file: PathLike | bytes, name: PathLike, what: str, modes: Sequence[str]) -> Image.Image:
     """Fully decode an image from a path or from its bytes (a member of an archive) whose PIL mode is one of
     `modes`; errors name `name`."""
     try:
-        with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as im:
+        with Image.open(io.BytesIO(file) if isinstance(file, bytes) else readable(file)) as im:
             im.load()
     except (OSError, ValueError, SyntaxError) as e:  # PIL's decoders raise all three
         raise DatasetFileError(f"cannot decode {what} file {name}: {e}", name) from e
@@ -65,12 +92,13 @@ def decode_image(file: Path | bytes, name: str | Path, what: str, modes: Sequenc
     return im
 
 
-def load_npy(path: Path, what: str) -> np.ndarray:
+def load_npy(path: PathLike, what: str) -> np.ndarray:
     """Read a `.npy` array (no pickles); errors name `path`."""
+    path = as_path(path)
     if not path.is_file():
         raise missing(path, what)
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(readable(path), allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:  # bad magic / header, truncated data
         raise DatasetFileError(f"cannot read {what} file {path}: {e}", path) from e
     if not isinstance(array, np.ndarray):  # a .npz archive under a .npy name
@@ -78,20 +106,21 @@ def load_npy(path: Path, what: str) -> np.ndarray:
     return array
 
 
-def load_mat(path: Path, what: str) -> dict[str, Any]:
+def load_mat(path: PathLike, what: str) -> dict[str, Any]:
     """The variables of a MATLAB `.mat` file (v4 to v7.2, `scipy.io.loadmat`'s default layout); errors name `path`."""
     import scipy.io  # here: 0.1 s to import, and only PASCAL-Context's labels are .mat files
 
+    path = as_path(path)
     if not path.is_file():
         raise missing(path, what)
     try:
-        return scipy.io.loadmat(path)
+        return scipy.io.loadmat(readable(path))
     # truncated data, not a .mat at all, a v7.3 (HDF5) file, a malformed header
     except (OSError, ValueError, TypeError, NotImplementedError, scipy.io.matlab.MatReadError) as e:
         raise DatasetFileError(f"cannot read {what} file {path}: {e}", path) from e
 
 
-def load_class_ids(path: Path, what: str, num_classes: int, unknown_ids: str = "raise") -> np.ndarray:
+def load_class_ids(path: PathLike, what: str, num_classes: int, unknown_ids: str = "raise") -> np.ndarray:
     """A single-channel label PNG with 0 = void / "other" and 1..num_classes the classes, as int32 classes
     0..num_classes - 1 and void -> `keys.IGNORE_INDEX` (mmseg's `reduce_zero_label`). An id above num_classes
     means a broken or foreign file: `unknown_ids="raise"` raises `DatasetFileError` naming the file and the ids,
@@ -114,12 +143,13 @@ def select_label_keys(label_keys: Sequence[str], available: Sequence[str]) -> tu
     return tuple(k for k in available if k in wanted)
 
 
-def read_caption(path: Path, fallback: str) -> str:
+def read_caption(path: PathLike, fallback: str) -> str:
     """A caption file's text (stripped), or `fallback` where the example has none."""
+    path = as_path(path)
     return path.read_text(encoding="utf-8").strip() if path.is_file() else fallback
 
 
-def check_shape(array: np.ndarray, shape: tuple[int, ...], path: Path, what: str) -> None:
+def check_shape(array: np.ndarray, shape: tuple[int, ...], path: PathLike, what: str) -> None:
     """Raise `DatasetFileError` naming `path` unless `array.shape == shape`."""
     if array.shape != shape:
         raise DatasetFileError(f"{what} file {path} has shape {array.shape}, expected {shape}", path)

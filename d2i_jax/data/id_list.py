@@ -3,10 +3,10 @@ each read from the files found for it when the source was built, with an optiona
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from d2i_jax.data import keys
 from d2i_jax.data.files import IMAGE_MODES, load_image, read_caption, resize_rgb
@@ -17,14 +17,14 @@ class IdListSource:
     """Set by the subclass: `root`, `split`, `size`, `resize`, `label_keys`, `fallback_caption`, `ids` and `files`
     (per example, the path of each of its entries, `keys.IMAGE` among them)."""
 
-    root: Path
+    root: epath.Path
     split: str
     size: tuple[int, int] | None
     resize: str
     label_keys: tuple[str, ...]
     fallback_caption: str
     ids: list[str]
-    files: list[dict[str, Path]]
+    files: list[dict[str, epath.Path]]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -33,7 +33,7 @@ class IdListSource:
         return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
                 f"size={self.size}, label_keys={self.label_keys})")
 
-    def _caption_path(self, index: int) -> Path:
+    def _caption_path(self, index: int) -> epath.Path:
         return self.root / "caption" / f"{self.ids[index]}.txt"
 
     def _settings(self) -> tuple[Any, ...]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from d2i_jax.data import keys
@@ -44,17 +44,17 @@ EXTRA_KEYS = tuple(EXTRA_FILES)
 class NyuRecord:
     """Paths of one example; `caption`, `depth` and `semseg` may not exist on disk."""
 
-    image: Path
-    normal: Path
+    image: epath.Path
+    normal: epath.Path
 
-    def sibling(self, folder: str, suffix: str) -> Path:
+    def sibling(self, folder: str, suffix: str) -> epath.Path:
         """`split/<folder>/<stem><suffix>` next to `split/img/` (caption, depth, semseg)."""
         return self.image.parent.parent / folder / (self.image.stem + suffix)
 
 
-def list_examples(root: str | Path, split: str) -> list[NyuRecord]:
+def list_examples(root: epath.PathLike, split: str) -> list[NyuRecord]:
     """Examples of `split`: from `root/<split>.txt` if present, else every image in `root/<split>/img/`, sorted."""
-    root = Path(root)
+    root = epath.Path(root)
     split_file = root / f"{split}.txt"
     if split_file.is_file():
         records = []
@@ -141,7 +141,7 @@ class NyuNormals:
     """
 
     def __init__(
-        self, root: str | Path, split: str = "train", *, size: tuple[int, int] | None = None,
+        self, root: epath.PathLike, split: str = "train", *, size: tuple[int, int] | None = None,
         fallback_caption: str = "", extra_keys: Sequence[str] = (), augment: Augment | None = None, seed: int = 0,
         resize: str = "pil",
     ):
@@ -150,7 +150,7 @@ class NyuNormals:
         unknown = set(extra_keys) - set(EXTRA_KEYS)
         if unknown:
             raise ValueError(f"unknown extra keys {sorted(unknown)}; choose from {EXTRA_KEYS}")
-        self.root, self.split, self.size = Path(root), split, size
+        self.root, self.split, self.size = epath.Path(root), split, size
         self.fallback_caption, self.extra_keys = fallback_caption, tuple(extra_keys)
         self.augment, self.seed, self.resize = augment, seed, resize
         self.records = list_examples(self.root, split)
@@ -205,7 +205,7 @@ class NyuNormals:
             ex[keys.SEMSEG] = np.asarray(resize_image(sem, self.size, Image.Resampling.NEAREST)).astype(np.int32)
         return ex
 
-    def _depth(self, path: Path, native: tuple[int, int]) -> np.ndarray:
+    def _depth(self, path: epath.Path, native: tuple[int, int]) -> np.ndarray:
         depth = load_npy(path, "depth")
         if depth.shape != (native[1], native[0]):
             raise DatasetFileError(f"depth file {path} has shape {depth.shape}, expected {(native[1], native[0])}")
@@ -220,7 +220,7 @@ class NyuNormals:
 
 
 def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
-                label_keys: Sequence[str], workdir: Path, seed: int = 0) -> NyuNormals:
+                label_keys: Sequence[str], workdir: epath.PathLike, seed: int = 0) -> NyuNormals:
     """`config.data.name = "nyu"`: the Bae / public-code NYUv2 layout at `config.root` (normals; depth and semseg
     where the folders exist, as in the procedural scenes)."""
     del workdir, seed  # the data is on disk already

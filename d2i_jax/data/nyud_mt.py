@@ -12,11 +12,11 @@ loader they derive from, SimonVandenhende/Multi-Task-Learning-PyTorch `data/nyud
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from d2i_jax.data import keys
 from d2i_jax.data.files import (
@@ -49,14 +49,14 @@ FILES = {  # key -> (folder, accepted suffixes in the order they are looked for)
 }
 
 
-def read_ids(split_file: Path) -> list[str]:
+def read_ids(split_file: epath.Path) -> list[str]:
     """The example ids of a `gt_sets/<split>.txt`, one per line (blank lines skipped)."""
     if not split_file.is_file():
         raise not_found(f"split file not found: {split_file}", split_file)
     return [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
 
 
-def find_file(root: Path, key: str, example_id: str) -> Path:
+def find_file(root: epath.Path, key: str, example_id: str) -> epath.Path:
     """`root/<folder>/<id><suffix>` for the first of the key's suffixes that exists; raises naming the file."""
     folder, suffixes = FILES[key]
     for suffix in suffixes:
@@ -68,7 +68,7 @@ def find_file(root: Path, key: str, example_id: str) -> Path:
                     root / folder / (example_id + suffixes[0]))
 
 
-def load_normals(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def load_normals(path: epath.Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(unit normals float32 [H, W, 3], valid mask [H, W]) from a `.png` (2 x / 255 - 1) or a `.npy` ([-1, 1]);
     invalid = (0, 0, 0) pixel / zero vector, its normal zero."""
     if path.suffix == ".npy":
@@ -98,12 +98,12 @@ class NyudMT(IdListSource):
     """
 
     def __init__(
-        self, root: str | Path, split: str, *, size: tuple[int, int] | None = None,
+        self, root: epath.PathLike, split: str, *, size: tuple[int, int] | None = None,
         label_keys: Sequence[str] = LABEL_KEYS, fallback_caption: str = "", resize: str = "pil",
     ):
         if resize not in RESIZES:
             raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
-        self.root, self.split, self.size, self.resize = Path(root), split, size, resize
+        self.root, self.split, self.size, self.resize = epath.Path(root), split, size, resize
         self.label_keys, self.fallback_caption = select_label_keys(label_keys, LABEL_KEYS), fallback_caption
         self.ids = read_ids(self.root / "gt_sets" / f"{split}.txt")
         if not self.ids:
@@ -129,7 +129,7 @@ class NyudMT(IdListSource):
 
 
 def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
-                label_keys: Sequence[str], workdir: Path, seed: int = 0) -> NyudMT:
+                label_keys: Sequence[str], workdir: epath.PathLike, seed: int = 0) -> NyudMT:
     """`config.data.name = "nyud_mt"`: the NYUD-MT folder `config.root` (splits "train" / "val")."""
     del workdir, seed
     if not config.root:

@@ -23,11 +23,11 @@ InvPT resizes a label whose size differs from its image's to it; here that is an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from d2i_jax.data import keys
 from d2i_jax.data.files import (
@@ -83,7 +83,7 @@ FILES = {  # entry -> (folders in the order they are looked in, suffix)
 }
 
 
-def find_file(root: Path, entry: str, example_id: str) -> Path:
+def find_file(root: epath.Path, entry: str, example_id: str) -> epath.Path:
     """`root/<folder>/<id><suffix>` in the first of the entry's folders that has it; raises naming every place."""
     folders, suffix = FILES[entry]
     paths = [root / folder / (example_id + suffix) for folder in folders]
@@ -93,7 +93,7 @@ def find_file(root: Path, entry: str, example_id: str) -> Path:
     raise not_found(f"{entry} file of example {example_id!r} not found: {' or '.join(map(str, paths))}", paths[0])
 
 
-def load_semseg(path: Path, shape: tuple[int, int]) -> np.ndarray:
+def load_semseg(path: epath.Path, shape: tuple[int, int]) -> np.ndarray:
     """int32 classes 0..20 and 255 from a palette / grey PNG; any other value is an error naming the file."""
     ids = np.asarray(load_image(path, "segmentation", ("P", "L")), np.int32)
     check_shape(ids, shape, path, "segmentation")
@@ -104,14 +104,14 @@ def load_semseg(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return ids
 
 
-def _field(struct: np.ndarray, name: str, path: Path) -> np.ndarray:
+def _field(struct: np.ndarray, name: str, path: epath.Path) -> np.ndarray:
     """Field `name` of a `loadmat` struct element; a missing one is an error naming the file."""
     if struct.dtype.names is None or name not in struct.dtype.names:
         raise DatasetFileError(f"human-parts file {path} has no {name!r} field in its anno struct", path)
     return struct[name]
 
 
-def load_parts(path: Path, shape: tuple[int, int]) -> np.ndarray:
+def load_parts(path: epath.Path, shape: tuple[int, int]) -> np.ndarray:
     """int32 part ids 0..6 [H, W] from a PASCAL-Part `.mat`, all `keys.IGNORE_INDEX` when no part pixel."""
     mat = load_mat(path, "human-parts")
     if "anno" not in mat:
@@ -136,14 +136,16 @@ def binarise_saliency(grey: np.ndarray) -> np.ndarray:
     return (np.asarray(grey, np.float32) / 255.0 > 0.5).astype(np.int32)
 
 
-def load_saliency(path: Path, shape: tuple[int, int]) -> np.ndarray:
+def load_saliency(path: epath.Path, shape: tuple[int, int]) -> np.ndarray:
     """int32 1 (salient) / 0 from a grey PNG (`binarise_saliency`)."""
     grey = np.asarray(load_image(path, "saliency", ("L",)))
     check_shape(grey, shape, path, "saliency")
     return binarise_saliency(grey)
 
 
-def load_normals(path: Path, labels_path: Path | None, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def load_normals(
+    path: epath.Path, labels_path: epath.Path | None, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """(unit normals float32 [H, W, 3], valid mask [H, W]): 2 x / 255 - 1, invalid where the pixel is (0, 0, 0) or,
     given the PASCAL-Context `LabelMap` file, where its class is not in `NORMAL_CLASSES`; invalid normals are zero."""
     rgb = np.asarray(load_image(path, "normal", ("RGB",)))
@@ -178,13 +180,13 @@ class PascalContext(IdListSource):
     """
 
     def __init__(
-        self, root: str | Path, split: str, *, size: tuple[int, int] | None = None,
+        self, root: epath.PathLike, split: str, *, size: tuple[int, int] | None = None,
         label_keys: Sequence[str] = LABEL_KEYS, fallback_caption: str = "", resize: str = "pil",
         normal_classes: bool = True,
     ):
         if resize not in RESIZES:
             raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
-        self.root, self.split, self.size, self.resize = Path(root), split, size, resize
+        self.root, self.split, self.size, self.resize = epath.Path(root), split, size, resize
         self.label_keys = select_label_keys(label_keys, LABEL_KEYS)
         self.fallback_caption, self.normal_classes = fallback_caption, normal_classes
         split_file = self.root / "ImageSets" / "Context" / f"{split}.txt"
@@ -216,7 +218,7 @@ class PascalContext(IdListSource):
 
 
 def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
-                label_keys: Sequence[str], workdir: Path, seed: int = 0) -> PascalContext:
+                label_keys: Sequence[str], workdir: epath.PathLike, seed: int = 0) -> PascalContext:
     """`config.data.name = "pascal_context"`: the PASCAL_MT folder `config.root` (splits "train" / "val");
     `config.normal_classes` (default True) masks the normals by class as InvPT."""
     del workdir, seed
