@@ -27,7 +27,7 @@ import numpy as np
 
 from d2i_jax.data import keys
 from d2i_jax.data.files import resize_linear, resize_nearest
-from d2i_jax.data.seg_augment import crop_box, photometric_distortion, photometric_params
+from d2i_jax.data.seg_augment import Photometric, crop_box, photometric_distortion, photometric_params
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # InvPT's Normalize: its padding value 0 is this colour
 CLASS_KEYS = (keys.SEMSEG, keys.PARTS, keys.SALIENCY)  # padded with ignore
@@ -35,7 +35,7 @@ MAP_KEYS = (*CLASS_KEYS, keys.DEPTH, keys.NORMAL, keys.MASK)
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiTaskAugment:
+class MultiTaskAugment(Photometric):
     """InvPT's settings (its NYUD-MT and PASCAL-Context values are the defaults, but `crop_size`: its TRAIN.SCALE).
 
     Attributes:
@@ -47,13 +47,6 @@ class MultiTaskAugment:
 
     scale_range: tuple[float, float] = (0.5, 2.0)
     crop_size: tuple[int, int] = (512, 512)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
-    brightness_delta: float = 32.0
-    contrast_range: tuple[float, float] = (0.5, 1.5)
-    saturation_range: tuple[float, float] = (0.5, 1.5)
-    hue_delta: int = 18
-    ignore_index: int = keys.IGNORE_INDEX
 
 
 def augment(example: dict[str, Any], rng: np.random.Generator,

@@ -27,7 +27,21 @@ CROP_TRIES = 10  # mmseg's RandomCrop redraws a crop up to 10 times for cat_max_
 
 
 @dataclasses.dataclass(frozen=True)
-class SegAugment:
+class Photometric:
+    """`PhotoMetricDistortion`'s settings, mmseg's defaults (InvPT's are the same): brightness shift, contrast and
+    saturation factor ranges, hue shift in OpenCV's 8-bit hue units; the crop and flip settings beside them."""
+
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    brightness_delta: float = 32.0
+    contrast_range: tuple[float, float] = (0.5, 1.5)
+    saturation_range: tuple[float, float] = (0.5, 1.5)
+    hue_delta: int = 18
+    ignore_index: int = keys.IGNORE_INDEX
+
+
+@dataclasses.dataclass(frozen=True)
+class SegAugment(Photometric):
     """mmseg's settings (VPD's ADE20K values as defaults; the photometric ones are mmseg's own defaults).
 
     Attributes:
@@ -40,13 +54,6 @@ class SegAugment:
     scale: tuple[int, int] = (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)
     crop_size: tuple[int, int] = (512, 512)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
-    brightness_delta: float = 32.0
-    contrast_range: tuple[float, float] = (0.5, 1.5)
-    saturation_range: tuple[float, float] = (0.5, 1.5)
-    hue_delta: int = 18
-    ignore_index: int = keys.IGNORE_INDEX
 
 
 def augment(example: dict[str, Any], rng: np.random.Generator, config: SegAugment = SegAugment()) -> dict[str, Any]:
@@ -96,7 +103,7 @@ def crop_box(seg: np.ndarray, crop_size: tuple[int, int], cat_max_ratio: float, 
     return box
 
 
-def photometric_params(rng: np.random.Generator, config: SegAugment) -> dict[str, Any]:
+def photometric_params(rng: np.random.Generator, config: Photometric) -> dict[str, Any]:
     """mmseg's `PhotoMetricDistortion` draws, in its order: each op applied with probability 1/2 (None when not):
     `brightness` (added, U(-delta, delta)), `contrast` (factor), `saturation` (factor), `hue` (integer shift of the
     8-bit hue), and `mode` (1: contrast first, 0: contrast last)."""
