@@ -44,6 +44,7 @@ from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.feature_paths import backbone_factory, load_pretrained, make_predictor
 from d2i_jax.perception.model import Perceiver
 from d2i_jax.perception.vpd import TextAdapter
+from d2i_jax.remote import local_copy
 from d2i_jax.tasks import Task, get_task
 from d2i_jax.training.loop import FitOptions, fit
 from d2i_jax.training.sharding import fsdp_shardings, make_mesh, put_sharded
@@ -90,13 +91,15 @@ def make_perceiver(config: ml_collections.ConfigDict, backbone: Backbone, task: 
                      context_adapter=TextAdapter() if config.model.context_adapter else None)
 
 
-DATA_ROOTS = re.compile(r"^(data|evaluate\.data)(\.mix\.[^.]+)?\.root$")  # config keys the readers read
+# config keys that may name an object store: dataset roots (the readers read through etils.epath) and weights
+# (copied once to a local cache, `d2i_jax.remote`)
+REMOTE_KEYS = re.compile(r"^((data|evaluate\.data)(\.mix\.[^.]+)?\.root|sd_path|init_from|model\.vit_checkpoint)$")
 
 
 def refuse_urls(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
-    """Object-store paths (gs://, s3://, ...) are read only as dataset roots (`DATA_ROOTS`: the readers go through
-    `etils.epath`); anywhere else (workdir, weights, TFDS, caches) `pathlib` would turn `gs://bucket/run` into a local
-    folder `gs:/bucket/run` and the run would silently write there. Raises naming the workdir or config key."""
+    """Object-store paths (gs://, s3://, ...) are read only as dataset roots and weights (`REMOTE_KEYS`); anywhere
+    else (workdir, TFDS, caches) `pathlib` would turn `gs://bucket/run` into a local folder `gs:/bucket/run` and the
+    run would silently write there. Raises naming the workdir or config key."""
     if is_url(workdir):
         raise ValueError(f"--workdir {workdir} is a URL: object-store workdirs are not supported yet; use a local or "
                          "shared filesystem (NFS, Filestore, a gcsfuse mount)")
@@ -105,10 +108,10 @@ def refuse_urls(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
         for key, value in node.items():
             if isinstance(value, ml_collections.ConfigDict):
                 scan(value, f"{prefix}{key}.")
-            elif isinstance(value, str) and is_url(value) and not DATA_ROOTS.match(f"{prefix}{key}"):
+            elif isinstance(value, str) and is_url(value) and not REMOTE_KEYS.match(f"{prefix}{key}"):
                 raise ValueError(f"config.{prefix}{key}={value!r} is a URL: object stores are read only as dataset "
-                                 "roots (data.root) so far; use a local or shared filesystem path (e.g. a gcsfuse "
-                                 "mount)")
+                                 "roots and weights (data.root, sd_path, init_from, model.vit_checkpoint) so far; "
+                                 "use a local or shared filesystem path (e.g. a gcsfuse mount)")
 
     scan(config, "")
 
@@ -152,7 +155,7 @@ class Run:
         """`config.sd_path`; else the `prior` stage's SD when it is one of `config.stages` (`workdir/prior/sd`);
         else the tiny random-weight SD."""
         if self.config.sd_path:
-            return Path(self.config.sd_path)
+            return local_copy(self.config.sd_path, "config.sd_path")
         if "prior" in self.config.stages:
             path = self.workdir / "prior" / "sd"
             if not (path / "model_index.json").exists():
@@ -261,7 +264,7 @@ class Run:
         `model/` when that is set (an imported checkpoint, see `weights_conversion.diff2in1`, or another run's
         stage folder)."""
         if stage == "warmup" and self.config.init_from:
-            return Path(self.config.init_from) / "model"
+            return local_copy(f"{self.config.init_from}/model", "config.init_from")
         return self.workdir / stage / "model"
 
     def load_model(self, stage: str) -> tuple[Any, Any]:

@@ -172,6 +172,8 @@ def test_object_store_paths_are_refused_by_name(name, tmp_path):
         refuse_urls(config, "gs://bucket/run")
     config.data.root = "gs://bucket/nyu"  # dataset roots are read through etils.epath
     refuse_urls(config, tmp_path)
-    config.sd_path = "gs://bucket/sd15"
-    with pytest.raises(ValueError, match=r"config\.sd_path='gs://bucket/sd15' is a URL"):
+    config.sd_path = "gs://bucket/sd15"  # weights are copied to a local cache (d2i_jax.remote)
+    refuse_urls(config, tmp_path)
+    config.data.tfds_dir = "gs://bucket/tfds"
+    with pytest.raises(ValueError, match=r"config\.data\.tfds_dir='gs://bucket/tfds' is a URL"):
         refuse_urls(config, tmp_path)

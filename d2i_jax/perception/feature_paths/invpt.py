@@ -6,7 +6,6 @@ UNet features, as `diff2in1`, with the image itself carried to the head, where I
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +18,7 @@ from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.feature_paths.diff2in1 import make_fusion
 from d2i_jax.perception.fusion import group_by_stride
 from d2i_jax.perception.model import DensePredictor
+from d2i_jax.remote import local_copy
 from weights_conversion.timm_vit import load_timm_vit
 
 
@@ -80,5 +80,5 @@ def load_pretrained(config: ml_collections.ConfigDict, params: Any) -> Any:
     vit = VisionTransformer(img_size=tuple(config.data.image_size), **{
         k: tuple(v) if isinstance(v, list | tuple) else v for k, v in fields.items()})
     head = dict(params["head"]["head"])
-    head["vit"] = load_timm_vit(Path(path), vit)
+    head["vit"] = load_timm_vit(local_copy(path, "config.model.vit_checkpoint"), vit)
     return {**params, "head": {**params["head"], "head": head}}
