@@ -8,7 +8,6 @@ killed download is never taken for a checkpoint. `D2I_CACHE` sets the cache root
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from etils import epath
 from tqdm import tqdm
 
 from d2i_jax.data.files import is_url
+from d2i_jax.data.fingerprint import digest
 
 
 def cache_root() -> Path:
@@ -32,13 +32,14 @@ def local_copy(path: str | os.PathLike, what: str) -> Path:
     if not remote.exists():
         raise FileNotFoundError(f"{what}={path} does not exist")
     files = _files(remote)
-    listing = "\n".join(f"{p}\t{(s := p.stat()).length}\t{s.mtime}" for p in files)
-    key = hashlib.sha256(f"{path}\n{listing}".encode()).hexdigest()[:16]
-    local = cache_root() / f"{key}-{remote.name}"
+    local = cache_root() / f"{digest(str(path), files=files)[:16]}-{remote.name}"  # the files' sizes and times
     if local.exists():
         return local
     partial = local.with_name(local.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+    if partial.is_dir():
+        shutil.rmtree(partial)
+    else:
+        partial.unlink(missing_ok=True)
     for p in tqdm(files, desc=f"copying {what} to {local.parent}", unit="file", disable=len(files) < 2):
         target = partial if p == remote else partial / str(p)[len(str(remote)):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)

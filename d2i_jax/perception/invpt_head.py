@@ -50,7 +50,7 @@ class InvPTHead(nn.Module):
             raise ValueError("task.decoder='invpt' reads the image with InvPT's ViT: set model.features='invpt'")
         image, skips = inputs
         fold = (lambda i: None) if dropout_key is None else (lambda i: jax.random.fold_in(dropout_key, i))
-        vit = VisionTransformer(img_size=tuple(image.shape[1:3]), **_fields(self.vit), name="vit")
+        vit = make_vit(self.vit, image.shape[1:3], name="vit")
         maps = list(vit(image, train=train, dropout_key=fold(0)).maps)
         if self.add_sd_features:
             maps = [m + self._sd_feature(skips[s], m, k) for k, (m, s) in enumerate(zip(maps, SD_SKIPS, strict=True))]
@@ -65,6 +65,11 @@ class InvPTHead(nn.Module):
         resized = jax.image.resize(skip.astype(jnp.float32), (skip.shape[0], *like.shape[1:3], skip.shape[-1]),
                                    "linear", antialias=True)
         return nn.Conv(like.shape[-1], (1, 1), kernel_init=nn.initializers.zeros, name=f"sd_proj_{k}")(resized)
+
+
+def make_vit(fields: Mapping[str, Any], img_size: Sequence[int], **kwargs: Any) -> VisionTransformer:
+    """InvPT's ViT for `img_size` inputs with `task.invpt.vit`'s `fields` (also what a checkpoint converts onto)."""
+    return VisionTransformer(img_size=tuple(img_size), **_fields(fields), **kwargs)
 
 
 def _fields(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,10 +13,10 @@ import flax.struct
 import jax
 import ml_collections
 
-from d2i_jax.models.vit import VisionTransformer
 from d2i_jax.perception.backbone import Backbone
 from d2i_jax.perception.feature_paths.diff2in1 import make_fusion
 from d2i_jax.perception.fusion import group_by_stride
+from d2i_jax.perception.invpt_head import make_vit
 from d2i_jax.perception.model import DensePredictor
 from d2i_jax.remote import local_copy
 from weights_conversion.timm_vit import load_timm_vit
@@ -77,8 +77,7 @@ def load_pretrained(config: ml_collections.ConfigDict, params: Any) -> Any:
     if not path:
         return params
     fields = config.task.get("invpt", ml_collections.ConfigDict()).get("vit", ml_collections.ConfigDict())
-    vit = VisionTransformer(img_size=tuple(config.data.image_size), **{
-        k: tuple(v) if isinstance(v, list | tuple) else v for k, v in fields.items()})
+    vit = make_vit(fields, config.data.image_size)
     head = dict(params["head"]["head"])
     head["vit"] = load_timm_vit(local_copy(path, "config.model.vit_checkpoint"), vit)
     return {**params, "head": {**params["head"], "head": head}}
