@@ -115,6 +115,21 @@ def augment(example: dict[str, Any], rng: np.random.Generator, config: Augment =
     return out
 
 
+def normals_from_map(rgb: np.ndarray, size: tuple[int, int] | None, resize: str) -> tuple[np.ndarray, np.ndarray]:
+    """(normals, mask) at `size` of a normal map's uint8 pixels, as `NyuNormals` reads them: "public" resizes the
+    decoded map and the mask bilinearly (the mask kept where it stays 1), "pil" the map nearest, then decodes it."""
+    if resize == "public" and size is not None:
+        mask = resize_linear(np.any(rgb != 0, axis=-1)[..., None].astype(np.float64), size)[..., 0] > 1 - 1e-6
+        normal = resize_linear(rgb.astype(np.float64) / 255.0 * 2.0 - 1.0, size)
+        return np.where(mask[..., None], normal, 0.0).astype(np.float32), mask
+    return decode_normals(np.asarray(resize_image(Image.fromarray(rgb), size, Image.Resampling.NEAREST)))
+
+
+def pil_nearest(x: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """A label resized as `NyuNormals` resizes depth and semseg: PIL's nearest, in the label's dtype."""
+    return np.asarray(resize_image(Image.fromarray(x), size, Image.Resampling.NEAREST)).astype(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The source
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,13 +202,7 @@ class NyuNormals:
             raise DatasetFileError(f"image {r.image} is {img.size[0]}x{img.size[1]} but normal {r.normal} is "
                                    f"{norm.size[0]}x{norm.size[1]}")
         image = resize_rgb(img, self.size, self.resize)
-        if self.resize == "public" and self.size is not None:
-            rgb = np.asarray(norm)
-            mask = resize_linear(np.any(rgb != 0, axis=-1)[..., None].astype(np.float64), self.size)[..., 0] > 1 - 1e-6
-            normal = resize_linear(rgb.astype(np.float64) / 255.0 * 2.0 - 1.0, self.size)
-            normal = np.where(mask[..., None], normal, 0.0).astype(np.float32)
-        else:
-            normal, mask = decode_normals(np.asarray(resize_image(norm, self.size, Image.Resampling.NEAREST)))
+        normal, mask = normals_from_map(np.asarray(norm), self.size, self.resize)
         ex: dict[str, Any] = {
             keys.IMAGE: image / 127.5 - 1.0, keys.NORMAL: normal, keys.MASK: mask,
             keys.ID: np.int32(index), keys.CAPTION: self.caption(index),
@@ -202,15 +211,14 @@ class NyuNormals:
             ex[keys.DEPTH] = self._depth(r.sibling(*EXTRA_FILES[keys.DEPTH]), img.size)
         if keys.SEMSEG in self.extra_keys:
             sem = load_image(r.sibling(*EXTRA_FILES[keys.SEMSEG]), "semseg", ("L", "P"))
-            ex[keys.SEMSEG] = np.asarray(resize_image(sem, self.size, Image.Resampling.NEAREST)).astype(np.int32)
+            ex[keys.SEMSEG] = pil_nearest(np.asarray(sem), self.size).astype(np.int32)
         return ex
 
     def _depth(self, path: epath.Path, native: tuple[int, int]) -> np.ndarray:
         depth = load_npy(path, "depth")
         if depth.shape != (native[1], native[0]):
             raise DatasetFileError(f"depth file {path} has shape {depth.shape}, expected {(native[1], native[0])}")
-        im = resize_image(Image.fromarray(depth.astype(np.float32)), self.size, Image.Resampling.NEAREST)
-        return np.asarray(im, np.float32)
+        return pil_nearest(depth.astype(np.float32), self.size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ex = self.load(index)

@@ -21,8 +21,9 @@ import numpy as np
 from PIL import Image
 
 from d2i_jax.data import keys
-from d2i_jax.data.files import RESIZES, decode_normals, resize_image, resize_linear, resize_nearest, resize_rgb
+from d2i_jax.data.files import RESIZES, resize_nearest, resize_rgb
 from d2i_jax.data.fingerprint import digest
+from d2i_jax.data.nyu import normals_from_map, pil_nearest
 
 BUILDER = "d2i_jax_data"  # the TFDS builder's name: datasets live in <tfds_dir>/d2i_jax_data/<data.name>/<VERSION>
 VERSION = "1.0.0"
@@ -44,21 +45,6 @@ def content_settings(data: ml_collections.ConfigDict) -> dict[str, Any]:
     values = data.to_dict()
     drop = READ_TIME_KEYS | ({"scenes"} if data.name != "scenes" else set())
     return json.loads(json.dumps({k: v for k, v in values.items() if k not in drop}, sort_keys=True))
-
-
-def nyu_normals(rgb: np.ndarray, size: tuple[int, int] | None, resize: str) -> tuple[np.ndarray, np.ndarray]:
-    """(normals, mask) of `d2i_jax.data.nyu.NyuNormals.load` from its normal map's uint8 pixels: "public" resizes
-    the decoded map and the mask bilinearly, "pil" the map nearest, then decodes it."""
-    if resize == "public" and size is not None:
-        mask = resize_linear(np.any(rgb != 0, axis=-1)[..., None].astype(np.float64), size)[..., 0] > 1 - 1e-6
-        normal = resize_linear(rgb.astype(np.float64) / 255.0 * 2.0 - 1.0, size)
-        return np.where(mask[..., None], normal, 0.0).astype(np.float32), mask
-    return decode_normals(np.asarray(resize_image(Image.fromarray(rgb), size, Image.Resampling.NEAREST)))
-
-
-def pil_nearest(x: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    """A label resized as `NyuNormals` resizes depth and semseg: PIL's nearest, in the label's dtype."""
-    return np.asarray(resize_image(Image.fromarray(x), size, Image.Resampling.NEAREST)).astype(x.dtype)
 
 
 class TfdsSource:
@@ -133,7 +119,7 @@ class TfdsSource:
             if not self.nyu_layout:
                 ex[key] = resize_nearest(stored[key], self.size)
             elif key == keys.NORMAL:
-                ex[keys.NORMAL], ex[keys.MASK] = nyu_normals(stored[NORMAL_MAP], self.size, self.resize)
+                ex[keys.NORMAL], ex[keys.MASK] = normals_from_map(stored[NORMAL_MAP], self.size, self.resize)
             elif key != keys.MASK:
                 ex[key] = pil_nearest(stored[key], self.size)
         return ex
