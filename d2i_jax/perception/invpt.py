@@ -42,20 +42,10 @@ import jax
 import jax.numpy as jnp
 
 from d2i_jax.perception.fusion import resize_bilinear
-from d2i_jax.perception.layers import TorchBatchNorm, bias_init, kernel_init
+from d2i_jax.perception.layers import TorchBatchNorm, bias_init, kernel_init, torch_conv
 
 NUM_STAGES = 3
 QUERY_STRIDE = 2  # InvPT's STRIDE_Q; the attention message's x2 upsampling relies on it
-
-
-def _conv(x: jax.Array, features: int, k: int, name: str, param_init: str, *, stride: int = 1, dilation: int = 1,
-          groups: int = 1, use_bias: bool = True) -> jax.Array:
-    """PyTorch `Conv2d(k, stride, padding=dilation * (k // 2), dilation, groups)`, inside a compact method."""
-    p = dilation * (k // 2)
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
-                   kernel_dilation=(dilation, dilation), feature_group_count=groups, use_bias=use_bias,
-                   kernel_init=kernel_init(param_init), bias_init=bias_init(param_init, k * k * x.shape[-1] // groups),
-                   name=name)(x)
 
 
 def _dense(x: jax.Array, features: int, name: str, param_init: str) -> jax.Array:
@@ -102,7 +92,7 @@ class ConvBNReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = _conv(x, self.features, 3, "conv", self.param_init, dilation=self.dilation, use_bias=self.use_bias)
+        x = torch_conv(x, self.features, 3, "conv", self.param_init, dilation=self.dilation, use_bias=self.use_bias)
         return nn.relu(TorchBatchNorm(name="bn")(x, train=train))
 
 
@@ -144,8 +134,8 @@ class CrossScaleAttention(nn.Module):
         b, t, h, w, c = x.shape
         pi = self.param_init
         q = jnp.stack([TorchBatchNorm(name=f"conv_proj_q{k}_bn")(
-            _conv(x[:, k], c, 3, f"conv_proj_q{k}", pi, stride=QUERY_STRIDE, groups=c, use_bias=False), train=train)
-            for k in range(t)], axis=1)
+            torch_conv(x[:, k], c, 3, f"conv_proj_q{k}", pi, stride=QUERY_STRIDE, groups=c, use_bias=False),
+            train=train) for k in range(t)], axis=1)
         kv = _avg_pool(x.reshape(b * t, h, w, c), self.kv_stride).reshape(b, -1, c)
         d = c // self.num_heads
         q = _dense(q.reshape(b, -1, c), c, "proj_q", pi).reshape(b, -1, self.num_heads, d)
@@ -156,7 +146,7 @@ class CrossScaleAttention(nn.Module):
             qh, qw = h // QUERY_STRIDE, w // QUERY_STRIDE
             prev = message.reshape(b, t, qh // 2, qw // 2, -1)
             prev = _resize_tasks(prev, (qh, qw)).reshape(logits.shape)
-            logits = _conv(jnp.concatenate([logits, prev], axis=-1), self.num_heads, 1, "fuse_attn", pi)
+            logits = torch_conv(jnp.concatenate([logits, prev], axis=-1), self.num_heads, 1, "fuse_attn", pi)
         attn = _drop(jax.nn.softmax(logits, axis=2), self.attn_dropout_rate, _fold(dropout_key, 0))
         out = jnp.einsum("bqkh,bkhd->bqhd", attn, v).reshape(b, -1, c)
         out = _drop(_dense(out, c, "proj", pi), self.dropout_rate, _fold(dropout_key, 1))
@@ -276,7 +266,7 @@ class InvPTDecoder(nn.Module):
         pi, tasks, widths = self.param_init, self.task_channels, self.widths
         f0, f1, _, f3 = features
         skips = {
-            1: _conv(f1, widths[1], 3, "scale_embed1", pi),
+            1: torch_conv(f1, widths[1], 3, "scale_embed1", pi),
             # PyTorch ConvTranspose2d(3, stride 2, padding 1, output_padding 1): x2 exactly
             2: nn.ConvTranspose(widths[2], (3, 3), strides=(2, 2), padding=((1, 2), (1, 2)),
                                 kernel_init=kernel_init(pi, transpose=True),
@@ -288,8 +278,8 @@ class InvPTDecoder(nn.Module):
         for name, n in tasks:
             y = ConvBNReLU(x.shape[-1], param_init=pi, name=f"preliminary_{name}_0")(x, train=train)
             y = ConvBNReLU(self.embed_dim, param_init=pi, name=f"preliminary_{name}_1")(y, train=train)
-            intermediate[name] = _conv(y, n, 1, f"intermediate_head_{name}", pi)
-            maps.append(_conv(jnp.concatenate([y, intermediate[name]], axis=-1), widths[0], 1, f"mix_proj_{name}",
+            intermediate[name] = torch_conv(y, n, 1, f"intermediate_head_{name}", pi)
+            maps.append(torch_conv(jnp.concatenate([y, intermediate[name]], axis=-1), widths[0], 1, f"mix_proj_{name}",
                               pi))
 
         out_size = (h0 << NUM_STAGES, w0 << NUM_STAGES)
@@ -307,11 +297,11 @@ class InvPTDecoder(nn.Module):
             for k in range(t):
                 y = normed[..., k * c:(k + 1) * c]
                 if i:
-                    y = _conv(y, widths[0], 1, f"redu_chan{i}_{k}", pi)
+                    y = torch_conv(y, widths[0], 1, f"redu_chan{i}_{k}", pi)
                 summed[k] = summed[k] + resize_bilinear(y, out_size)
 
         predictions = {}
         for (name, n), y in zip(tasks, summed, strict=True):
             y = ConvBNReLU(widths[0], use_bias=True, param_init=pi, name=f"mt_proj_{name}")(y, train=train)
-            predictions[name] = _conv(y, n, 1, f"head_{name}", pi)
+            predictions[name] = torch_conv(y, n, 1, f"head_{name}", pi)
         return predictions, intermediate

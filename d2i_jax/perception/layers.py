@@ -48,12 +48,13 @@ def bias_init(scheme: str, fan_in: int) -> Initializer:
 
 
 def torch_conv(x: jax.Array, features: int, k: int, name: str, param_init: str = "pytorch", *, stride: int = 1,
-               use_bias: bool = True) -> jax.Array:
-    """PyTorch `Conv2d(k, stride, padding=k // 2)` on `[B, H, W, C]`, called inside a compact method, initialised by
-    `param_init` (`INITS`)."""
-    p = k // 2
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding=((p, p), (p, p)), use_bias=use_bias,
-                   kernel_init=kernel_init(param_init), bias_init=bias_init(param_init, k * k * x.shape[-1]),
+               dilation: int = 1, groups: int = 1, use_bias: bool = True) -> jax.Array:
+    """PyTorch `Conv2d(k, stride, padding=dilation * (k // 2), dilation, groups)` on `[B, H, W, C]`, called inside a
+    compact method, initialised by `param_init` (`INITS`)."""
+    p = dilation * (k // 2)
+    return nn.Conv(features, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
+                   kernel_dilation=(dilation, dilation), feature_group_count=groups, use_bias=use_bias,
+                   kernel_init=kernel_init(param_init), bias_init=bias_init(param_init, k * k * x.shape[-1] // groups),
                    name=name)(x)
 
 
