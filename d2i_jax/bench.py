@@ -197,7 +197,7 @@ def format_table(rows: Sequence[Row], jax_peak: float | None, peer_peak: float |
     """The result table: row | JAX | peer | ratio | JAX MFU | peer MFU | notes."""
     header = ("row", "JAX", "peer", "ratio", "JAX MFU", "peer MFU", "notes")
     body = [(f"{r.label} [{r.unit}]", _num(r.value(r.jax)), _num(r.value(r.peer)),
-             "n/a" if r.ratio is None else f"{r.ratio:.2f}x", _pct(mfu(r.jax, jax_peak)), _pct(mfu(r.peer, peer_peak)),
+             "n/a" if r.ratio is None else f"{r.ratio:.3g}x", _pct(mfu(r.jax, jax_peak)), _pct(mfu(r.peer, peer_peak)),
              r.notes or "-") for r in rows]
     widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header) - 1)]
     fmt = lambda line: " | ".join([*(c.ljust(w) for c, w in zip(line, widths, strict=False)), line[-1]]).rstrip()
