@@ -14,8 +14,9 @@ Where the captions go:
   (`NyuRecord.sibling`, what `NyuNormals` reads), for the splits train and test.
 - `--dataset nyud_mt` / `pascal_context`, the dataset root: `caption/<id>.txt` (`IdListSource._caption_path`, what
   `NyudMT` / `PascalContext` read), for the splits train and val.
-A split that cannot be listed (e.g. its split file is missing) is named and left out. ADE20K and the Marigold depth
-layouts are not offered: their readers read no caption files (every example gets `data.fallback_caption`).
+Folders may be `gs://` URLs (read and written through etils.epath). A split that cannot be listed (e.g. its split file
+is missing) is named and left out. ADE20K and the Marigold depth layouts are not offered: their readers read no
+caption files (every example gets `data.fallback_caption`).
 
 A caption file that exists is kept, so a rerun captions only what is missing (and loads no model when nothing is);
 each file is written atomically. An unreadable image is named on one line and skipped, and the closing summary lists
@@ -33,16 +34,16 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import transformers
+from etils import epath
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_atomically
-from d2i_jax.data.files import IMAGE_SUFFIXES, DatasetFileError
+from d2i_jax.data.files import IMAGE_SUFFIXES, DatasetFileError, as_path, is_url, readable
 from d2i_jax.data.id_list import IdListSource
 from d2i_jax.data.nyu import list_examples
 from d2i_jax.data.nyud_mt import NyudMT
@@ -51,7 +52,7 @@ from d2i_jax.data.pascal_context import PascalContext
 USER_ERRORS = (OSError, ValueError)  # missing / unreadable files and folders, bad values: one line (as `main.py`)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-Pairs = list[tuple[Path, Path]]  # (an image, its caption file)
+Pairs = list[tuple[epath.Path, epath.Path]]  # (an image, its caption file)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -98,10 +99,10 @@ class Captioner:
 # ------------------------------------------------------------------------------------------ captioning files
 
 
-def read_image(path: Path) -> Image.Image:
+def read_image(path: epath.Path) -> Image.Image:
     """An image file as upright RGB (EXIF orientation applied, as viewers show it); errors name the file."""
     try:
-        with Image.open(path) as im:
+        with Image.open(readable(path)) as im:
             return ImageOps.exif_transpose(im).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL's decoders raise
         raise DatasetFileError(f"cannot read image {path}: {e}", path) from e
@@ -112,9 +113,9 @@ class Report:
     """What `caption_images` did: the caption files written, how many existed already (kept), and (image, message)
     of each unreadable image skipped."""
 
-    written: list[Path] = dataclasses.field(default_factory=list)
+    written: list[epath.Path] = dataclasses.field(default_factory=list)
     existing: int = 0
-    failed: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
+    failed: list[tuple[epath.Path, str]] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         line = f"[captions] {len(self.written)} written, {self.existing} existed already"
@@ -123,7 +124,7 @@ class Report:
         return line if self.written or self.failed else f"{line} (nothing to do)"
 
 
-def caption_images(images: Sequence[Path], outputs: Sequence[Path],
+def caption_images(images: Sequence[epath.Path], outputs: Sequence[epath.Path],
                    captioner: Callable[[list[Image.Image]], list[str]], *, batch_size: int = 8,
                    progress: bool = True) -> Report:
     """Captions each `images[i]` into the UTF-8 file `outputs[i]` (folders made as needed), `batch_size` images a
@@ -164,7 +165,7 @@ def caption_images(images: Sequence[Path], outputs: Sequence[Path],
 # ------------------------------------------------------------------------------------------ layouts
 
 
-def folder_files(folder: Path, out: Path | None = None) -> Pairs:
+def folder_files(folder: epath.Path, out: epath.Path | None = None) -> Pairs:
     """The images (`IMAGE_SUFFIXES`, any case) of `folder`, sorted, not recursive, each with `<out>/<stem>.txt`;
     `out` defaults to `caption/` beside `folder` (the `CaptionedImages` layout: `root/img/` -> `root/caption/`)."""
     if not folder.is_dir():
@@ -172,11 +173,12 @@ def folder_files(folder: Path, out: Path | None = None) -> Pairs:
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    out = out or Path(os.path.abspath(folder)).parent / "caption"  # abspath: `.` and `..` have a folder beside them
+    # abspath: `.` and `..` have a folder beside them
+    out = out or (folder if is_url(folder) else as_path(os.path.abspath(folder))).parent / "caption"
     return [(p, out / f"{p.stem}.txt") for p in images]
 
 
-def _nyu(root: Path, split: str) -> Pairs:
+def _nyu(root: epath.Path, split: str) -> Pairs:
     return [(r.image, r.sibling("caption", ".txt")) for r in list_examples(root, split)]
 
 
@@ -186,14 +188,14 @@ def _id_list(source: IdListSource) -> Pairs:
 
 # `--dataset` (a `config.data.name`) -> (its splits, (root, split) -> the split's images with the caption files its
 # reader reads); the multi-task readers are built without labels, so only the images need to exist
-LAYOUTS: dict[str, tuple[tuple[str, ...], Callable[[Path, str], Pairs]]] = {
+LAYOUTS: dict[str, tuple[tuple[str, ...], Callable[[epath.Path, str], Pairs]]] = {
     "nyu": (("train", "test"), _nyu),
     "nyud_mt": (("train", "val"), lambda root, split: _id_list(NyudMT(root, split, label_keys=()))),
     "pascal_context": (("train", "val"), lambda root, split: _id_list(PascalContext(root, split, label_keys=()))),
 }
 
 
-def dataset_files(root: Path, name: str) -> Pairs:
+def dataset_files(root: epath.Path, name: str) -> Pairs:
     """Every image of every split of dataset `name` (a `LAYOUTS` key) at `root`, each with the caption file its
     reader reads; a split that cannot be listed is named on one line and left out, none at all is an error."""
     if name not in LAYOUTS:
@@ -202,7 +204,7 @@ def dataset_files(root: Path, name: str) -> Pairs:
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     splits, listing = LAYOUTS[name]
-    pairs: dict[tuple[Path, Path], None] = {}  # ordered, an image listed by two splits once
+    pairs: dict[tuple[epath.Path, epath.Path], None] = {}  # ordered, an image listed by two splits once
     for split in splits:
         try:
             found = listing(root, split)
@@ -221,10 +223,10 @@ def dataset_files(root: Path, name: str) -> Pairs:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m d2i_jax.captions", description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=Path, required=True, help="A folder of images, or with --dataset its root.")
+    p.add_argument("--images", type=as_path, required=True, help="A folder of images, or with --dataset its root.")
     p.add_argument("--model", required=True, help="Hugging Face id or local folder of an image-to-text model.")
     p.add_argument("--dataset", help=f"The dataset layout at --images (config.data.name): {', '.join(LAYOUTS)}.")
-    p.add_argument("--out", type=Path, help="Caption folder for a plain image folder (default: caption/ beside it).")
+    p.add_argument("--out", type=as_path, help="Caption folder for a plain image folder (default: caption/ beside it).")
     p.add_argument("--batch_size", type=int, default=8, help="Images per generate call.")
     p.add_argument("--max_new_tokens", type=int, default=30, help="Longest caption, in tokens.")
     p.add_argument("--prompt", default="", help="Text the model continues (e.g. 'a photography of').")
@@ -239,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out is for a plain image folder; with --dataset the captions go where its reader reads")
     pairs = dataset_files(args.images, args.dataset) if args.dataset else folder_files(args.images, args.out)
     images, outputs = [i for i, _ in pairs], [o for _, o in pairs]
-    print(f"[captions] {len(images)} images; captions in {os.path.commonpath([o.parent for o in outputs])}")
+    print(f"[captions] {len(images)} images; captions under {args.images if args.dataset else outputs[0].parent}")
     if all(o.exists() for o in outputs):
         report = Report(existing=len(outputs))  # no model to load
         print(report.summary())

@@ -8,6 +8,7 @@ From Python:
     predictor = Predictor.load("/tmp/d2i_demo")           # the run's latest trained model (theta_C, else theta_W)
     normals = predictor(["a.jpg", pil_image, uint8_array])  # float32 [H, W, C] each, at each input's size
 
+`--model`, `--images` and `--out` may be `gs://` URLs (a run trained in a bucket, photos and predictions there).
 The model is the run's own (`workdir/config.json` + `workdir/<stage>/model`, built by `d2i_jax.runner.Run`):
 `stage` None takes `self_improve` (theta_C) when it has saved a model, else `warmup` (theta_W, or `config.init_from`).
 
@@ -56,21 +57,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from configs import nyu
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_npy_atomically, write_png_atomically
-from d2i_jax.data.files import IMAGE_MODES, DatasetFileError, load_image, missing
+from d2i_jax.data.files import IMAGE_MODES, DatasetFileError, PathLike, as_path, load_image, missing, readable
 from d2i_jax.runner import Run
 from d2i_jax.training.inference import sharded_call
 from d2i_jax.training.steps import Steps
@@ -83,13 +85,13 @@ RESIZES = ("auto", "aspect", "stretch")  # see the module docstring
 PREDICT_MESH = {"data": -1, "fsdp": 1}  # every local device takes a share of the batch, weights replicated
 USER_ERRORS = (OSError, ValueError)  # missing / unreadable files, bad values: one line (as `d2i_jax.main`)
 
-Item = np.ndarray | Image.Image | str | Path
+Item = np.ndarray | Image.Image | str | os.PathLike
 
 
-def find_run(path: str | Path, stage: str | None = None) -> tuple[Path, str | None]:
+def find_run(path: PathLike, stage: str | None = None) -> tuple[epath.Path, str | None]:
     """(the run's workdir, the stage) of a workdir (its `config.json`), a stage folder `<workdir>/<stage>` or its
     `model/`; a stage named by the path must agree with `stage`."""
-    p = Path(path)
+    p = as_path(path)
     if (p / "config.json").is_file():
         return p, stage
     workdir, named = (p.parent.parent, p.parent.name) if p.name == "model" else (p.parent, p.name)
@@ -103,11 +105,11 @@ def find_run(path: str | Path, stage: str | None = None) -> tuple[Path, str | No
                             f"(<workdir>/<stage>[/model], stage one of {STAGES})")
 
 
-def load_config(workdir: Path) -> ml_collections.ConfigDict:
+def load_config(workdir: PathLike) -> ml_collections.ConfigDict:
     """The config a run saved (`workdir/config.json`, written by `d2i_jax.runner.run`). Keys the project gained after
     the run was saved take their defaults from `configs/nyu.py`, which every config extends (new keys default to the
     old behaviour); `task` is the run's own as saved, its fields being the task's."""
-    path = Path(workdir) / "config.json"
+    path = as_path(workdir) / "config.json"
     try:
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -174,15 +176,15 @@ def resize_float(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def describe(item: Item, index: int) -> str:
     """How errors name an input: its path, else its position."""
-    return str(item) if isinstance(item, (str, Path)) else f"image {index}"
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"image {index}"
 
 
-def _file_size(path: Path) -> tuple[int, int]:
+def _file_size(path: epath.Path) -> tuple[int, int]:
     """(H, W) of an image file as `read_rgb` gives it (EXIF orientation applied), from its header only."""
     if not path.is_file():
         raise missing(path, "image")
     try:
-        with Image.open(path) as im:
+        with Image.open(readable(path)) as im:
             w, h = im.size
             turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation: a quarter turn
     except (OSError, ValueError, SyntaxError) as e:
@@ -200,8 +202,8 @@ def _array_rgb(array: np.ndarray, index: int) -> np.ndarray:
 
 def input_size(item: Item, index: int = 0) -> tuple[int, int]:
     """(H, W) of an input without decoding a file's pixels."""
-    if isinstance(item, (str, Path)):
-        return _file_size(Path(item))
+    if isinstance(item, (str, os.PathLike)):
+        return _file_size(as_path(item))
     if isinstance(item, Image.Image):
         return read_rgb(item, index).shape[:2]
     return _array_rgb(np.asarray(item), index).shape[:2]
@@ -212,7 +214,7 @@ def read_rgb(item: Item, index: int = 0) -> np.ndarray:
     (`[H, W]`, `[H, W, 1]` and `[H, W, 4]` too: grey repeated, alpha dropped). Errors name the file / position."""
     if isinstance(item, np.ndarray):
         return _array_rgb(item, index)
-    im = load_image(Path(item), "image", PHOTO_MODES) if isinstance(item, (str, Path)) else item
+    im = load_image(as_path(item), "image", PHOTO_MODES) if isinstance(item, (str, os.PathLike)) else item
     try:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (OSError, ValueError) as e:
@@ -266,8 +268,8 @@ class Predictor:
         self._finish = jax.jit(self.task.resize_prediction, static_argnums=(1, 2))
 
     @classmethod
-    def load(cls, path: str | Path, stage: str | None = None, *, processing_res: int | None = None,
-             resize: str = "auto", batch_size: int | None = None, sd_path: str | Path | None = None) -> Predictor:
+    def load(cls, path: PathLike, stage: str | None = None, *, processing_res: int | None = None,
+             resize: str = "auto", batch_size: int | None = None, sd_path: PathLike | None = None) -> Predictor:
         """The model of a run: `path` its workdir (stage None: `self_improve` if it saved a model, else `warmup`)
         or a stage folder (`<workdir>/<stage>[/model]`). `sd_path` replaces the run's `config.sd_path` (the SD
         checkpoint moved); `batch_size` defaults to the run's `evaluate.batch_size`."""
@@ -380,11 +382,11 @@ class Report:
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
-def list_images(paths: Sequence[str | Path]) -> list[Path]:
+def list_images(paths: Sequence[PathLike]) -> list[epath.Path]:
     """Files given, and the image files (`PHOTO_SUFFIXES`, any case) of folders given, sorted, not recursive. A
     path that does not exist is kept (reported as unreadable later); a folder without images is an error."""
     out = []
-    for p in map(Path, paths):
+    for p in map(as_path, paths):
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in PHOTO_SUFFIXES)
             if not found:
@@ -395,7 +397,7 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def output_names(files: Sequence[Path]) -> list[str]:
+def output_names(files: Sequence[epath.Path]) -> list[str]:
     """A distinct output name per input: its stem, then `<stem>_2`, `<stem>_3`, ... where stems repeat."""
     names, taken = [], set()
     for f in files:
@@ -408,13 +410,13 @@ def output_names(files: Sequence[Path]) -> list[str]:
     return names
 
 
-def predict_files(predictor: Predictor, paths: Sequence[str | Path], out: str | Path, *,
+def predict_files(predictor: Predictor, paths: Sequence[PathLike], out: PathLike, *,
                   progress: bool = True) -> Report:
     """Predicts the image files / folders `paths` into `out`: `<name>.npy`, `<name>_<picture>.png`, `legend.png`.
     Each unreadable input is named on one line and skipped; a summary line ends it."""
     files = list_images(paths)
     names = output_names(files)
-    out = Path(out)
+    out = as_path(out)
     out.mkdir(parents=True, exist_ok=True)
     task, report = predictor.task, Report()
     legend = task.legend()

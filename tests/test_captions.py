@@ -24,6 +24,7 @@ from d2i_jax.data.nyu import NyuNormals
 from d2i_jax.data.nyud_mt import NyudMT
 from d2i_jax.data.synthetic import CaptionedImages
 from tests.dataset_layouts import write_nyud_mt
+from tests.gcs_emulator import upload
 
 MAX_NEW_TOKENS = 6
 WORDS = "a the room with table chair wall floor lamp red blue green of in on and bed sofa window door".split()
@@ -153,6 +154,24 @@ def test_nyu(tmp_path, blip, capsys):
     source = NyuNormals(root, "train")
     for index in range(2):
         assert source.caption(index) == direct_caption(blip, root / "train" / "img" / f"00000{index}.png")
+
+
+def test_folders_on_gcs(gcs, tmp_path, blip, monkeypatch):
+    """An image folder and a dataset root on Cloud Storage (the emulator): the captions are written there, where the
+    readers read them, and nothing lands in a local `gs:` folder."""
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "data"
+    write_images(local / "pool" / "img", ["a.png", "b.png"])
+    write_images(local / "nyu" / "train" / "img", ["000000.png"])
+    write_images(local / "nyu" / "train" / "norm", ["000000.png"])
+    url = upload(local, f"{gcs}/captions")
+    common = ["--model", str(blip[0]), "--max_new_tokens", str(MAX_NEW_TOKENS)]
+    assert captions.main(["--images", f"{url}/pool/img", *common]) == 0
+    assert captions.main(["--images", f"{url}/nyu", "--dataset", "nyu", *common]) == 0
+    assert CaptionedImages(f"{url}/pool").captions() == [direct_caption(blip, local / "pool" / "img" / n)
+                                                         for n in ("a.png", "b.png")]
+    assert NyuNormals(f"{url}/nyu", "train").caption(0) == direct_caption(blip, local / "nyu/train/img/000000.png")
+    assert not (tmp_path / "gs:").exists()
 
 
 @pytest.mark.parametrize("case, message", [

@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from ml_collections import config_flags
 
+from d2i_jax.data.files import is_url
 from d2i_jax.data.tfds_builder import D2iJaxData
 from d2i_jax.data.tfds_source import content_settings, dataset_dir
 
@@ -66,6 +67,9 @@ def build(config: ml_collections.ConfigDict, out: str | Path, *, workdir: str | 
           overwrite: bool = False) -> dict[str, Path]:
     """Build (or keep) each dataset of `used_datasets(config)` under the TFDS data dir `out`; returns name -> its
     folder. A kept dataset without a split the config reads is an error (rebuild it with `overwrite`)."""
+    if is_url(out):  # pathlib would make gs://b a local folder gs:/b
+        raise ValueError(f"--out {out}: TFDS array_record files are built and read on a local disk (array_record reads "
+                         "local files); build into a local folder (the dataset roots may be gs:// URLs)")
     built = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (data, splits) in used_datasets(config).items():
