@@ -34,6 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from d2i_jax import runner
+from d2i_jax.data.files import is_url
 from d2i_jax.models.random_sd import write_random_sd
 from d2i_jax.tasks import get_task
 
@@ -51,6 +52,8 @@ class Ablations:
     """Runs the variants of `config.ablations` in `workdir` and tabulates them."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+        if is_url(workdir):  # variant (d) links (e)'s creations into its workdir: object stores have no links
+            raise ValueError(f"--workdir {workdir}: the ablation study runs in a local or shared-filesystem workdir")
         self.config, self.workdir = config, Path(workdir)
         self.runs = self.workdir / "runs"
         self.seconds: dict[str, float] = {}

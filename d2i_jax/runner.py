@@ -1,9 +1,12 @@
 """Runs the configured stages in order, sharing one lazily-built context (SD weights, backbone, prompts, logs).
 
 Each stage writes into `workdir/<stage>/` and marks completion with `workdir/<stage>/DONE`; a rerun skips
-finished stages, and an interrupted stage resumes from its own last checkpoint. On several hosts the workdir must
-be a filesystem they all share (NFS, Filestore, ...): every process runs every stage, process 0 writes the shared
-files.
+finished stages, and an interrupted stage resumes from its own last checkpoint. The workdir is a local folder or an
+object-store URL (`gs://bucket/run`, read and written through etils.epath; orbax writes checkpoints there
+directly). On several hosts every process runs every stage in the same workdir (a bucket, or a shared filesystem:
+NFS, Filestore); process 0 writes the shared files, and the others wait for it where they read them
+(`process_zero_writes`). Every file appears whole (`d2i_jax.data.atomic`), and a DONE marker is written only after
+its stage's files, so a file a rerun finds is complete.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from d2i_jax import stages
 from d2i_jax.data import get_source, mt_augment, seg_augment
-from d2i_jax.data.files import is_url
+from d2i_jax.data.atomic import write_atomically
+from d2i_jax.data.files import PathLike, as_path, is_url
 from d2i_jax.data.mixture import Mixture
 from d2i_jax.data.nyu import Augment, augment
 from d2i_jax.data.pipeline import RandomAccessSource
@@ -91,27 +96,26 @@ def make_perceiver(config: ml_collections.ConfigDict, backbone: Backbone, task: 
                      context_adapter=TextAdapter() if config.model.context_adapter else None)
 
 
-# config keys that may name an object store: dataset roots (the readers read through etils.epath) and weights
-# (copied once to a local cache, `d2i_jax.remote`)
-REMOTE_KEYS = re.compile(r"^((data|evaluate\.data)(\.mix\.[^.]+)?\.root|sd_path|init_from|model\.vit_checkpoint)$")
+# config keys that may name an object store (besides the workdir): dataset roots and the prior's image pool (the
+# readers read through etils.epath), weights and class embeddings (copied once to a local cache, `d2i_jax.remote`)
+REMOTE_KEYS = re.compile(r"^((data|evaluate\.data)(\.mix\.[^.]+)?\.root|prior\.pool_root|sd_path|init_from"
+                         r"|model\.(vit_checkpoint|class_embeddings_file))$")
 
 
-def refuse_urls(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
-    """Object-store paths (gs://, s3://, ...) are read only as dataset roots and weights (`REMOTE_KEYS`); anywhere
-    else (workdir, TFDS, caches) `pathlib` would turn `gs://bucket/run` into a local folder `gs:/bucket/run` and the
-    run would silently write there. Raises naming the workdir or config key."""
-    if is_url(workdir):
-        raise ValueError(f"--workdir {workdir} is a URL: object-store workdirs are not supported yet; use a local or "
-                         "shared filesystem (NFS, Filestore, a gcsfuse mount)")
+def refuse_urls(config: ml_collections.ConfigDict) -> None:
+    """Object-store paths (gs://, s3://, ...) are taken only where the code reads them through etils.epath or a local
+    copy (`REMOTE_KEYS`); anywhere else (e.g. `data.tfds_dir`: array_record reads local files) `pathlib` would turn
+    `gs://bucket/x` into a local folder `gs:/bucket/x`. Raises naming the config key."""
 
     def scan(node: Any, prefix: str) -> None:
         for key, value in node.items():
             if isinstance(value, ml_collections.ConfigDict):
                 scan(value, f"{prefix}{key}.")
             elif isinstance(value, str) and is_url(value) and not REMOTE_KEYS.match(f"{prefix}{key}"):
-                raise ValueError(f"config.{prefix}{key}={value!r} is a URL: object stores are read only as dataset "
-                                 "roots and weights (data.root, sd_path, init_from, model.vit_checkpoint) so far; "
-                                 "use a local or shared filesystem path (e.g. a gcsfuse mount)")
+                raise ValueError(f"config.{prefix}{key}={value!r} is a URL: object stores are read as the workdir, "
+                                 "dataset roots, prior.pool_root, weights and class embeddings (data.root, sd_path, "
+                                 "init_from, model.vit_checkpoint, model.class_embeddings_file); give a local path "
+                                 "here (or a gcsfuse mount)")
 
     scan(config, "")
 
@@ -119,10 +123,10 @@ def refuse_urls(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
 class Run:
     """What the stages of one run share. Built once; the expensive parts on first use."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
-        refuse_urls(config, workdir)
+    def __init__(self, config: ml_collections.ConfigDict, workdir: PathLike):
+        refuse_urls(config)
         self.config = config
-        self.workdir = Path(workdir)
+        self.workdir = as_path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         # every caption `contexts` has seen this run (`embed` looked up at each call)
         self.caption_contexts = CaptionContexts(lambda prompts: self.embed(prompts))
@@ -133,20 +137,22 @@ class Run:
         trained model, e.g. `d2i_jax.predict`'s, leaves the workdir as it was)."""
         return MetricWriter(self.workdir)
 
-    def stage_dir(self, name: str) -> Path:
+    def stage_dir(self, name: str) -> epath.Path:
         path = self.workdir / name
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def random_sd_path(self) -> Path:
         """A tiny random-weight SD (`d2i_jax.models.random_sd`, seeded by `config.seed`) in `workdir/random_sd`,
-        written on first use: the `prior` stage's initialisation, and the backbone when there is no prior."""
-        path = self.workdir / "random_sd"
+        written on first use: the `prior` stage's initialisation, and the backbone when there is no prior. A local
+        path (a remote workdir's copy, `d2i_jax.remote.local_copy`)."""
+        remote = self.workdir / "random_sd"
         unet = random_sd_unet(self.config)
-        process_zero_writes("random SD", lambda: write_random_sd(path, unet=unet, seed=self.config.seed))
+        process_zero_writes("random SD", lambda: write_random_sd(remote, unet=unet, seed=self.config.seed))
+        path = local_copy(remote, "the workdir's random SD")
         written = json.loads((path / "unet" / "config.json").read_text())["layers_per_block"]
         if written != unet["layers_per_block"]:
-            print(f"[random SD] {path} was written with unet layers_per_block={written}: it is kept (as everything "
+            print(f"[random SD] {remote} was written with unet layers_per_block={written}: it is kept (as everything "
                   f"trained from it), config.random_sd.unet_layers_per_block={unet['layers_per_block']} is not used")
         return path
 
@@ -160,7 +166,7 @@ class Run:
             path = self.workdir / "prior" / "sd"
             if not (path / "model_index.json").exists():
                 raise FileNotFoundError(f"{path} is missing: the 'prior' stage has not finished (run it first)")
-            return path
+            return local_copy(path, "the prior stage's SD")
         print("config.sd_path is empty and there is no 'prior' stage: a tiny random-weight SD (demo backbone)")
         return self.random_sd_path()
 
@@ -206,7 +212,7 @@ class Run:
         """
         model = self.config.model
         if model.class_embeddings_file:
-            table = load_class_embeddings(model.class_embeddings_file)
+            table = load_class_embeddings(local_copy(model.class_embeddings_file, "config.model.class_embeddings_file"))
         else:
             names = self.config.task.get("class_names", ())
             if not names:
@@ -259,12 +265,12 @@ class Run:
         """Writes a stage's final model (params + norm state) to `workdir/<stage>/model`."""
         save_params(self.stage_dir(stage) / "model", {"params": params, "batch_stats": batch_stats})
 
-    def model_dir(self, stage: str) -> Path:
+    def model_dir(self, stage: str) -> epath.Path:
         """Where `stage`'s final model is: `workdir/<stage>/model`; theta_W's (`warmup`) is `config.init_from`'s
         `model/` when that is set (an imported checkpoint, see `weights_conversion.diff2in1`, or another run's
         stage folder)."""
         if stage == "warmup" and self.config.init_from:
-            return local_copy(f"{self.config.init_from}/model", "config.init_from")
+            return as_path(local_copy(f"{self.config.init_from}/model", "config.init_from"))
         return self.workdir / stage / "model"
 
     def load_model(self, stage: str) -> tuple[Any, Any]:
@@ -419,25 +425,29 @@ def random_sd_unet(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {**TINY_UNET, "layers_per_block": config.random_sd.unet_layers_per_block}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
+def run(config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
     """Runs `config.stages` in order in `workdir`, skipping the finished ones."""
     logging.getLogger().setLevel(logging.WARNING)
     unknown = [s for s in config.stages if s not in stages.REGISTRY]
     if unknown:
         raise ValueError(f"unknown stages {unknown} in config.stages; available: {sorted(stages.REGISTRY)}")
     r = Run(config, workdir)
-    (r.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    for name in config.stages:
-        done = r.workdir / name / "DONE"
-        if done.exists():
-            print(f"[{name}] already done ({done}); skipping")
-            continue
-        print(f"[{name}] starting")
-        r.stage_dir(name)  # holds DONE even when the stage writes nothing else
-        start = time.perf_counter()
-        stages.REGISTRY[name](r)
-        elapsed = time.perf_counter() - start
-        process_zero_writes(f"stage {name}", functools.partial(done.write_text, json.dumps({"seconds": elapsed})))
-        print(f"[{name}] done in {elapsed:.1f}s")
-    r.writer.close()
+    process_zero_writes("config", lambda: write_atomically(r.workdir / "config.json",
+                                                           config.to_json_best_effort(indent=2).encode()))
+    try:
+        for name in config.stages:
+            done = r.workdir / name / "DONE"
+            if done.exists():
+                print(f"[{name}] already done ({done}); skipping")
+                continue
+            print(f"[{name}] starting")
+            r.stage_dir(name)  # holds DONE even when the stage writes nothing else
+            start = time.perf_counter()
+            stages.REGISTRY[name](r)
+            elapsed = time.perf_counter() - start
+            process_zero_writes(f"stage {name}", functools.partial(done.write_text, json.dumps({"seconds": elapsed})))
+            print(f"[{name}] done in {elapsed:.1f}s")
+    finally:  # also when a stage fails or is interrupted: the logs so far are kept (uploaded, on an object store)
+        if "writer" in r.__dict__:
+            r.writer.close()
     return r

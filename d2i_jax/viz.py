@@ -7,10 +7,12 @@ with invalid pixels black.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from d2i_jax.data.atomic import write_png_atomically
+from d2i_jax.data.files import PathLike, as_path
 
 # viridis sampled at 0, 1/8, ..., 1; interpolated linearly to 256 entries.
 _VIRIDIS_ANCHORS = np.array([
@@ -182,7 +184,7 @@ def make_grid(
 
 
 def save_grid(
-    path: str | Path, rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None, *, pad: int = 4,
+    path: PathLike, rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None, *, pad: int = 4,
     footer: np.ndarray | None = None,
 ) -> np.ndarray:
     """Write `make_grid(rows, labels)` as a PNG at `path` (parent folders created) and return it; `footer` (e.g. a
@@ -195,7 +197,7 @@ def save_grid(
         out[: grid.shape[0], : grid.shape[1]] = grid
         out[grid.shape[0] : grid.shape[0] + footer.shape[0], pad : pad + footer.shape[1]] = footer
         grid = out
-    path = Path(path)
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    write_png_atomically(path, grid)
     return grid

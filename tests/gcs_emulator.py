@@ -34,6 +34,7 @@ def gcs():
     server_module = pytest.importorskip("gcp_storage_emulator.server")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    _send_generations(server_module)
     port = free_port()
     server = server_module.create_server("localhost", port, in_memory=True, default_bucket=BUCKET)
     server.start()
@@ -53,6 +54,33 @@ def gcs():
             else:
                 os.environ[k] = v
         _forget_filesystems()
+
+
+def _send_generations(server_module) -> None:
+    """Object downloads answer with `x-goog-generation` / `x-goog-metageneration` headers, as Cloud Storage does (the
+    emulator leaves them out): tensorstore, orbax's storage layer, reads an object's generation from them and
+    conditions its later writes (OCDBT manifests) on it."""
+    from gcp_storage_emulator.handlers import objects
+
+    download = objects.download
+    if getattr(download, "sends_generations", False):
+        return
+
+    def with_generations(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:
+            return
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj["metageneration"])
+
+    with_generations.sends_generations = True
+    objects.download = with_generations  # `objects.get` with alt=media calls it by name
+    for _, methods in server_module.HANDLERS:
+        for method, handler in methods.items():
+            if handler is download:
+                methods[method] = with_generations
 
 
 def _forget_filesystems() -> None:

@@ -57,6 +57,9 @@ class Writer:
     def write(self, stage, step, scalars):
         print(f"step {step} loss {float(scalars['loss']):.4f}", flush=True)
 
+    def flush(self):
+        pass
+
 
 def main(workdir: str, sleep: float) -> None:
     mesh = make_mesh()

@@ -4,12 +4,15 @@ of each phase, the export read back through the converter, and an interrupted ru
 from __future__ import annotations
 
 import json
+import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
+from etils import epath
 from safetensors.numpy import load_file
 
 from configs import demo
@@ -105,6 +108,30 @@ def test_interrupted_prior_resumes_to_the_same_weights(finished, tmp_path, monke
         want, got = load_file(str(finished / "prior" / "sd" / path)), load_file(str(tmp_path / "prior" / "sd" / path))
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{component}: {k}")
+
+
+def test_prior_in_a_gcs_workdir_trains_the_same_weights(gcs, finished, tmp_path, monkeypatch):
+    """The stage with its workdir on Cloud Storage (the emulator): pool, VAE cache, checkpoints, the exported SD
+    (safetensors staged locally and uploaded, the tokenizer copied up) all there, the weights the local run's."""
+    monkeypatch.chdir(tmp_path)  # a URL taken for a local path would land here as ./gs:/...
+    monkeypatch.setenv("D2I_CACHE", str(tmp_path / "cache"))
+    workdir = epath.Path(f"{gcs}/prior-{uuid.uuid4().hex[:8]}")
+    micro_init(workdir)
+    runner.run(micro_config(), str(workdir))
+    sd = workdir / "prior" / "sd"
+    for file in WEIGHTS.values():
+        ours, ref = safetensors.numpy.load((sd / file).read_bytes()), load_file(finished / "prior" / "sd" / file)
+        assert ours.keys() == ref.keys()
+        for key in ref:
+            np.testing.assert_allclose(ours[key], ref[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    assert (sd / "tokenizer" / "vocab.json").read_text() == (finished / "prior/sd/tokenizer/vocab.json").read_text()
+    assert len(list((workdir / "prior" / "pool" / "img").glob("*.png"))) == 16
+    assert (workdir / "prior" / "unet" / "moments.json").exists() and (workdir / "prior" / "DONE").exists()
+    summary = json.loads((workdir / "metrics.json").read_text())["prior"]
+    reference = json.loads((finished / "metrics.json").read_text())["prior"]
+    assert jax.tree.leaves(summary) == pytest.approx(jax.tree.leaves(reference), rel=1e-5)
+    assert jax.tree.structure(summary) == jax.tree.structure(reference)
+    assert not (tmp_path / "gs:").exists()
 
 
 def test_pool_is_drawn_apart_from_the_labelled_scenes(tmp_path):

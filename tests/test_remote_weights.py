@@ -28,7 +28,7 @@ def test_sd_folder_on_gcs_loads_as_the_local_one(gcs, cache, tmp_path):
     url = upload(local, f"{gcs}/weights/sd")
     c = demo.get_config()
     c.sd_path = url
-    runner.refuse_urls(c, tmp_path / "run")  # weights may be remote
+    runner.refuse_urls(c)  # weights may be remote
     r = runner.Run(c, tmp_path / "run")
     copy = r.sd_path
     assert copy.parent == cache and copy.is_dir() and not list(cache.glob("*.partial"))

@@ -1,13 +1,13 @@
 """Data: one reader per on-disk format, procedural demo scenes, and the grain pipeline (batches keyed by `keys`)."""
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import ml_collections
 
 from d2i_jax import plugins
 from d2i_jax.data import keys, tfds_source
 from d2i_jax.data.ade20k import Ade20k
+from d2i_jax.data.files import PathLike, as_path
 from d2i_jax.data.nyu import Augment, DatasetFileError, NyuNormals, augment, decode_normals, list_examples
 from d2i_jax.data.nyud_mt import NyudMT
 from d2i_jax.data.pipeline import KeepKeys, RandomAccessSource, collate, make_loader
@@ -55,7 +55,7 @@ SOURCES = ("folder", "tfds")  # `config.data.source`
 
 
 def get_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
-               label_keys: Sequence[str], workdir: str | Path, seed: int = 0) -> RandomAccessSource:
+               label_keys: Sequence[str], workdir: PathLike, seed: int = 0) -> RandomAccessSource:
     """The dataset `config.name` (`config`: the `config.data` section; a module `d2i_jax.data.<name>` with
     `make_source`) as a random-access source of `split` at `size` (None: as stored) with `label_keys`: read from
     its files (`config.source = "folder"`, the default), or from the TFDS `array_record` files built from them
@@ -65,7 +65,7 @@ def get_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int
         source = tfds_source.open_split(config, split, size=size, label_keys=tuple(label_keys))
     elif kind == "folder":
         make = plugins.load(__name__, config.name, "make_source", what="config.data.name")
-        source = make(config, split, size=size, label_keys=tuple(label_keys), workdir=Path(workdir), seed=seed)
+        source = make(config, split, size=size, label_keys=tuple(label_keys), workdir=as_path(workdir), seed=seed)
     else:
         raise ValueError(f"config.data.source must be one of {SOURCES}, got {kind!r}")
     return KeepKeys(source, (keys.IMAGE, keys.ID, keys.CAPTION, *label_keys))

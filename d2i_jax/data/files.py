@@ -16,6 +16,7 @@ import io
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -38,8 +39,15 @@ def is_url(path: PathLike) -> bool:
 
 
 def as_path(path: PathLike) -> epath.Path:
-    """`path` as an `epath.Path`: local paths behave as `pathlib`'s, `gs://...` ones read through gcsfs."""
-    return epath.Path(path)
+    """`path` as a path object: a `gs://...` one as an `epath.Path` (read and written through gcsfs), a local one as
+    a `pathlib.Path` (epath's local paths refuse `**` globs, which callers of local folders use)."""
+    return epath.Path(path) if is_url(path) else Path(path)
+
+
+def absolute(path: PathLike) -> epath.Path:
+    """`path` made absolute, as orbax wants it: a URL as it is (`epath.Path.absolute` would prefix it with the
+    working directory)."""
+    return as_path(path) if is_url(path) else as_path(path).absolute()
 
 
 def readable(path: PathLike) -> str | BinaryIO:

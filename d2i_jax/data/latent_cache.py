@@ -7,6 +7,8 @@ training sees the same random draws as without the cache.
 
 `encode_moments` encodes every example of a random-access source in global batches on the mesh (every process
 takes part) and writes the moments to an `.npy` file per process; `WithMoments` adds them to the source's examples.
+In a `gs://` workdir the file is built locally and uploaded, and read through a local copy
+(`d2i_jax.remote.local_copy`): a memory map needs a local file.
 """
 
 from __future__ import annotations
@@ -14,18 +16,20 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from d2i_jax.data import keys
+from d2i_jax.data.files import PathLike, as_path
 from d2i_jax.data.fingerprint import source_fingerprint
 from d2i_jax.data.pipeline import RandomAccessSource
+from d2i_jax.remote import local_copy, staged
 from d2i_jax.training.sharding import global_batch, local_rows, round_up_to_shards
 
 if TYPE_CHECKING:
@@ -34,17 +38,32 @@ if TYPE_CHECKING:
 _INDEX = "index"  # example index of a batch row; -1 marks the padding of the last batch
 
 
-def cache_file(directory: str | Path, name: str) -> Path:
+def cache_file(directory: PathLike, name: str) -> epath.Path:
     """`<directory>/<name>.moments.p<process>.npy`: one file per process, so processes sharing a filesystem never
     write the same file."""
-    return Path(directory) / f"{name}.moments.p{jax.process_index()}.npy"
+    return as_path(directory) / f"{name}.moments.p{jax.process_index()}.npy"
 
 
-def _meta_file(path: Path) -> Path:
+def _meta_file(path: epath.Path) -> epath.Path:
     return path.with_suffix(".json")
 
 
-def _is_current(path: Path, meta: dict[str, Any]) -> bool:
+def load_moments(path: PathLike) -> np.ndarray:
+    """The moments file `encode_moments` wrote, memory-mapped (a remote one through its local copy)."""
+    if not as_path(path).is_file():
+        raise FileNotFoundError(f"no cached VAE moments at {path}; write them with encode_moments")
+    return np.load(local_copy(path, "cached VAE moments"), mmap_mode="r")
+
+
+def _stored_rows(path: epath.Path) -> int:
+    """The number of rows of a `.npy` file, from its header (one small read, also on an object store)."""
+    with path.open("rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return header(f)[0][0]
+
+
+def _is_current(path: epath.Path, meta: dict[str, Any]) -> bool:
     """Whether `path` holds moments written for `meta` (the source's content, its length and the caller's
     fingerprint); never for a source whose content is unknown."""
     if meta["content"] is None:
@@ -52,7 +71,7 @@ def _is_current(path: Path, meta: dict[str, Any]) -> bool:
     try:
         if json.loads(_meta_file(path).read_text()) != meta:
             return False
-        return np.load(path, mmap_mode="r").shape[0] == meta["count"]
+        return _stored_rows(path) == meta["count"]
     except (OSError, ValueError):
         return False
 
@@ -62,13 +81,13 @@ def encode_moments(
     vae: AutoencoderKL,
     vae_params: Any,
     mesh: Mesh,
-    path: str | Path,
+    path: PathLike,
     *,
     batch_size: int,
     fingerprint: str = "",
     desc: str = "VAE cache",
     read_threads: int = 8,
-) -> Path:
+) -> epath.Path:
     """Encodes the image of every example of `source` once and writes the posteriors' moments to `path`.
 
     Every process must call this with the same source (all processes hold the full result afterwards, each in its
@@ -82,7 +101,8 @@ def encode_moments(
         `SyntheticImages`, `Flagged`, `Pool`).
       vae: the VAE module; `vae_params` its params (replicated or sharded on `mesh`; they keep their shardings).
       mesh: the device mesh; batches are split over its batch axes.
-      path: the `.npy` file to write (a `.json` beside it records what it was written for).
+      path: the `.npy` file to write, local or `gs://` (a `.json` beside it, written last, records what it was
+        written for).
       batch_size: global examples per encoder call, rounded up to a multiple of the batch shards; the last batch
         is padded.
       fingerprint: anything else the moments depend on (e.g. the SD checkpoint and dtype); a change re-encodes.
@@ -92,7 +112,7 @@ def encode_moments(
     Returns:
       `path`, holding float32 `[len(source), H/8, W/8, 2 * latent_channels]` (`Posterior.moments`).
     """
-    path = Path(path)
+    path = as_path(path)
     n = len(source)
     meta = {"source": repr(source), "content": source_fingerprint(source), "count": n, "fingerprint": fingerprint}
     if meta["content"] is None:
@@ -122,7 +142,6 @@ def encode_moments(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _meta_file(path).unlink(missing_ok=True)  # written last, once the new file is complete
-    tmp = path.with_name(path.name + ".tmp")
     out, written = None, np.zeros(n, bool)
 
     def write(pending: tuple[jax.Array, jax.Array]) -> None:
@@ -130,14 +149,15 @@ def encode_moments(
         moments, index = multihost_utils.process_allgather(pending, tiled=True)
         keep = index >= 0
         if out is None:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *moments.shape[1:]))
+            out = np.lib.format.open_memmap(local.with_name(local.name + ".tmp"), mode="w+", dtype=np.float32,
+                                            shape=(n, *moments.shape[1:]))
         out[index[keep]] = moments[keep]
         written[index[keep]] = True
         bar.update(int(keep.sum()))
 
     bar = tqdm(total=n, desc=desc, unit="img", dynamic_ncols=True, disable=jax.process_index() != 0)
     pending = None
-    with ThreadPoolExecutor(read_threads) as pool:
+    with staged(path) as local, ThreadPoolExecutor(read_threads) as pool:  # a remote path: uploaded at the end
         for b in range(num_batches):
             batch = global_batch(local_batch(pool, b), mesh)
             encoded = (encode(vae_params, batch[keys.IMAGE]), batch[_INDEX])  # dispatched; runs while we read on
@@ -145,12 +165,13 @@ def encode_moments(
                 write(pending)
             pending = encoded
         write(pending)
-    bar.close()
-    if not written.all():
-        raise RuntimeError(f"{desc}: examples {np.flatnonzero(~written)[:10].tolist()} were not encoded")
-    out.flush()
-    del out
-    os.replace(tmp, path)
+        bar.close()
+        if not written.all():
+            raise RuntimeError(f"{desc}: examples {np.flatnonzero(~written)[:10].tolist()} were not encoded")
+        out.flush()
+        tmp = out.filename
+        del out
+        os.replace(tmp, local)
     _meta_file(path).write_text(json.dumps(meta))
     return path
 
@@ -162,8 +183,8 @@ class WithMoments:
     the path when the source is pickled to them.
     """
 
-    def __init__(self, source: RandomAccessSource, path: str | Path):
-        self.source, self.path = source, Path(path)
+    def __init__(self, source: RandomAccessSource, path: PathLike):
+        self.source, self.path = source, as_path(path)
         self._moments: np.ndarray | None = None
         moments = self._open()
         if moments.ndim != 4 or moments.shape[0] != len(source):
@@ -173,9 +194,7 @@ class WithMoments:
 
     def _open(self) -> np.ndarray:
         if self._moments is None:
-            if not self.path.is_file():
-                raise FileNotFoundError(f"no cached VAE moments at {self.path}; write them with encode_moments")
-            self._moments = np.load(self.path, mmap_mode="r")
+            self._moments = load_moments(self.path)
         return self._moments
 
     def __getstate__(self) -> dict[str, Any]:

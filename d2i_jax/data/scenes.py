@@ -21,15 +21,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
-from PIL import Image
+from etils import epath
 from tqdm import tqdm
 
 from d2i_jax.data import keys
+from d2i_jax.data.atomic import write_npy_atomically, write_png_atomically
+from d2i_jax.data.files import PathLike, as_path
 from d2i_jax.data.nyu import EXTRA_KEYS, NyuNormals
 from d2i_jax.distributed import process_zero_writes
 
@@ -488,27 +489,27 @@ SPLIT_CODES = {"train": 0, "test": 1, "pool": 3, "val": 4}  # `scene_seed`: the 
 # labelled scene; "val" draws held-out scenes apart from the test ones (for tuning)
 
 
-def write_image_pool(root: str | Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
+def write_image_pool(root: PathLike, count: int, size: tuple[int, int], seed: int = 0) -> epath.Path:
     """Renders `count` unlabelled scenes (`split = "pool"`, disjoint from the labelled train / test scenes of the
     same seed) as `root/img/NNNNNN.png` + `root/caption/NNNNNN.txt`, the `CaptionedImages` layout the `prior` stage
     trains on; `root/DONE`, written last, marks a complete pool (a rerun reuses it)."""
-    root = Path(root)
+    root = as_path(root)
     if (root / "DONE").exists():
         return root
     for sub in ("img", "caption"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(count), desc="rendering the unlabelled pool", unit="scene"):
         r = render_scene(scene_seed(seed, "pool", i), size)
-        Image.fromarray(r.image).save(root / "img" / f"{i:06d}.png")
+        write_png_atomically(root / "img" / f"{i:06d}.png", r.image)
         (root / "caption" / f"{i:06d}.txt").write_text(r.caption)
     (root / "DONE").write_text(json.dumps({"count": count, "size": list(size), "seed": seed}))
     return root
 
 
 def write_nyu_layout(
-    root: str | Path, num_train: int, num_test: int, size: tuple[int, int] = (480, 640), seed: int = 0,
+    root: PathLike, num_train: int, num_test: int, size: tuple[int, int] = (480, 640), seed: int = 0,
     held_out: str = "test",
-) -> Path:
+) -> epath.Path:
     """Render a synthetic dataset in the public Bae / Diff-2-in-1 NYUv2 normal layout, plus depth and semantics.
 
     Writes `root/{train,test}/{img,norm,semseg}/NNNNNN.png`, `caption/NNNNNN.txt`, `depth/NNNNNN.npy` (float32
@@ -517,7 +518,7 @@ def write_nyu_layout(
     folder's split is `held_out`: "test", or "val" for validation scenes disjoint from the test ones.
 
     Args:
-      root: output folder, created if needed.
+      root: output folder (local or `gs://`), created if needed.
       num_train: number of training examples.
       num_test: number of test examples.
       size: (H, W) of every image.
@@ -525,9 +526,9 @@ def write_nyu_layout(
       held_out: the split the test folder's scenes are drawn from ("test" or "val").
 
     Returns:
-      `root` as a Path.
+      `root` as an `epath.Path`.
     """
-    root = Path(root)
+    root = as_path(root)
     if held_out not in ("test", "val"):
         raise ValueError(f"held_out={held_out!r}: the held-out scenes are drawn from 'test' or 'val'")
     for split, count in (("train", num_train), ("test", num_test)):
@@ -538,10 +539,10 @@ def write_nyu_layout(
         for i in tqdm(range(count), desc=f"rendering {drawn_from}", unit="scene", leave=False):
             r = render_scene(scene_seed(seed, drawn_from, i), size)
             name = f"{i:06d}"
-            Image.fromarray(r.image).save(root / split / "img" / f"{name}.png")
-            Image.fromarray(encode_normals(r.normal, r.mask)).save(root / split / "norm" / f"{name}.png")
-            Image.fromarray(r.semseg).save(root / split / "semseg" / f"{name}.png")
-            np.save(root / split / "depth" / f"{name}.npy", r.depth)
+            write_png_atomically(root / split / "img" / f"{name}.png", r.image)
+            write_png_atomically(root / split / "norm" / f"{name}.png", encode_normals(r.normal, r.mask))
+            write_png_atomically(root / split / "semseg" / f"{name}.png", r.semseg)
+            write_npy_atomically(root / split / "depth" / f"{name}.npy", r.depth)
             (root / split / "caption" / f"{name}.txt").write_text(r.caption)
             lines.append(f"{split}/img/{name}.png {split}/norm/{name}.png")
         (root / f"{split}.txt").write_text("\n".join(lines))
@@ -561,7 +562,7 @@ class SceneSource(NyuNormals):
 
 
 def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[int, int] | None,
-                label_keys: Sequence[str], workdir: Path, seed: int = 0) -> SceneSource:
+                label_keys: Sequence[str], workdir: epath.PathLike, seed: int = 0) -> SceneSource:
     """`config.data.name = "scenes"`: procedural rooms (`config.scenes`: counts and size) rendered once into
     `<workdir>/scenes` in the NYUv2 layout (normals, depth, semantics), then read like NYUv2. `config.scenes.seed`
     draws the scenes (the run's `seed` when it is absent), so runs of different training seeds share one dataset.
@@ -570,7 +571,7 @@ def make_source(config: ml_collections.ConfigDict, split: str, *, size: tuple[in
     cfg = config.scenes
     seed = cfg.get("seed", seed)
     held_out = cfg.get("held_out", "test")
-    root = Path(workdir) / ("scenes" if held_out == "test" else f"scenes_{held_out}")
+    root = as_path(workdir) / ("scenes" if held_out == "test" else f"scenes_{held_out}")
     if not (root / "test.txt").exists():  # written last
         print(f"rendering {cfg.num_train} + {cfg.num_test} ({held_out}) procedural scenes into {root}")
     process_zero_writes("scenes", lambda: (root / "test.txt").exists() or write_nyu_layout(

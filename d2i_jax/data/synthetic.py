@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from d2i_jax.data import keys
+from d2i_jax.data.files import PathLike, as_path, read_caption, readable
 from d2i_jax.data.fingerprint import combined, digest
 from d2i_jax.tasks.base import Task
 
@@ -25,9 +26,9 @@ class CaptionedImages:
     (H, W) unless None) and `<root>/caption/<stem>.txt` (empty when missing): an unlabelled image folder, e.g. the
     `prior` stage's pool or the create stage's output."""
 
-    def __init__(self, root: str | Path, size: tuple[int, int] | None = None, *, hint: str = ""):
-        self.root, self.size = Path(root), size
-        self.paths = sorted((self.root / "img").glob("*.png"))
+    def __init__(self, root: PathLike, size: tuple[int, int] | None = None, *, hint: str = ""):
+        self.root, self.size = as_path(root), size
+        self.paths = sorted((self.root / "img").glob("*.png"), key=str)  # one listing, also on an object store
         if not self.paths:
             raise FileNotFoundError(f"no images in {self.root / 'img'}{hint}")
 
@@ -37,13 +38,12 @@ class CaptionedImages:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, n={len(self)})"
 
-    def _caption_file(self, index: int) -> Path:
+    def _caption_file(self, index: int) -> epath.Path:
         return self.root / "caption" / f"{self.paths[index].stem}.txt"
 
     def captions(self) -> list[str]:
         """Every example's caption, in order, without reading the images."""
-        files = map(self._caption_file, range(len(self)))
-        return [f.read_text().strip() if f.exists() else "" for f in files]
+        return [read_caption(self._caption_file(i), "") for i in range(len(self))]
 
     def fingerprint(self) -> str:
         """Digest of the size and the image and caption files (`d2i_jax.data.fingerprint`)."""
@@ -52,9 +52,7 @@ class CaptionedImages:
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
         image = _read_rgb(path, self.size, Image.Resampling.BILINEAR, "image").astype(np.float32) / 127.5 - 1.0
-        caption_file = self._caption_file(index)
-        return {keys.IMAGE: image, keys.ID: np.int32(index),
-                keys.CAPTION: caption_file.read_text().strip() if caption_file.exists() else ""}
+        return {keys.IMAGE: image, keys.ID: np.int32(index), keys.CAPTION: read_caption(self._caption_file(index), "")}
 
 
 class SyntheticImages(CaptionedImages):
@@ -65,7 +63,7 @@ class SyntheticImages(CaptionedImages):
     DA-Fusion-style baseline, `self_improve.teacher = "fixed"`).
     """
 
-    def __init__(self, root: str | Path, task: Task, size: tuple[int, int] | None = None, *, labels: bool = False):
+    def __init__(self, root: PathLike, task: Task, size: tuple[int, int] | None = None, *, labels: bool = False):
         super().__init__(root, size, hint="; run the 'create' stage first")
         self.task, self.labels = task, labels
         missing = [p for p in map(self._label_path, self.paths) if not p.is_file()] if labels else []
@@ -90,14 +88,14 @@ class SyntheticImages(CaptionedImages):
             return {**example, **self.task.read_label(self._label_path(self.paths[index]), size)}
         return {**example, **self.task.empty_labels(size), keys.SYNTHETIC: np.bool_(True)}
 
-    def _label_path(self, image_path: Path) -> Path:
+    def _label_path(self, image_path: epath.Path) -> epath.Path:
         return self.task.label_file(self.root / "label", image_path.stem)
 
 
-def _read_rgb(path: Path, size: tuple[int, int] | None, resample: Image.Resampling, what: str) -> np.ndarray:
+def _read_rgb(path: epath.Path, size: tuple[int, int] | None, resample: Image.Resampling, what: str) -> np.ndarray:
     """uint8 `[H, W, 3]` pixels of an image file, resized to `size` (H, W) unless None; errors name the file."""
     try:
-        with Image.open(path) as im:
+        with Image.open(readable(path)) as im:
             im = im.convert("RGB")
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), resample)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from d2i_jax.data.files import PathLike, absolute
 from d2i_jax.models.attention import AttentionImpl
 from d2i_jax.models.clip import clip_from_config
 from d2i_jax.models.unet import unet_from_config
@@ -218,23 +219,24 @@ def load_tokenizer_files(folder: Path) -> Any:
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def save_params(directory: Path, params: Any) -> None:
-    """Writes a params tree as an orbax checkpoint (synchronously)."""
+def save_params(directory: PathLike, params: Any) -> None:
+    """Writes a params tree as an orbax checkpoint (synchronously; local or `gs://`)."""
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory.absolute(), params)
+        ckptr.save(absolute(directory), params)
         ckptr.wait_until_finished()
 
 
-def restore_params(directory: Path, template: Any, dtype: Any) -> Any:
+def restore_params(directory: PathLike, template: Any, dtype: Any) -> Any:
     """Restores an orbax params checkpoint into `template`'s structure and shapes, cast to `dtype`, whole on this
     process's first device (also in multi-process jobs: place it on a mesh afterwards)."""
+    directory = absolute(directory)
     if not directory.exists():
         raise FileNotFoundError(f"converted params {directory} are missing")
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=local), template)
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(directory.absolute(), target)
+            return ckptr.restore(directory, target)
         except (ValueError, KeyError) as e:
             raise ValueError(f"converted params {directory} do not match the model in its config.json: {e}") from e
 

@@ -8,13 +8,14 @@ the `config.json` files diffusers / transformers would write and a character-lev
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from d2i_jax.data.files import PathLike, as_path
 from d2i_jax.diffusion.schedule import SD15_SCHEDULER_CONFIG
 from d2i_jax.models.export import write_diffusers_folder
 from d2i_jax.models.loading import build_module, param_shapes
@@ -45,7 +46,7 @@ TINY_TEXT_ENCODER: dict[str, Any] = {
 SD_SCHEDULER: dict[str, Any] = {"_class_name": "DDIMScheduler", **SD15_SCHEDULER_CONFIG}
 
 
-def write_char_tokenizer(folder: Path) -> None:
+def write_char_tokenizer(folder: epath.Path) -> None:
     """A character-level CLIP BPE vocabulary (no merges) in the real `tokenizer/` file layout."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = [chr(c) for c in range(_FIRST_CHAR, _LAST_CHAR)]
@@ -85,15 +86,16 @@ def random_params(component: str, module: Any, seed: int) -> Any:
 
 
 def write_random_sd(
-    folder: str | Path,
+    folder: PathLike,
     *,
     unet: dict[str, Any] = TINY_UNET,
     vae: dict[str, Any] = TINY_VAE,
     text_encoder: dict[str, Any] = TINY_TEXT_ENCODER,
     seed: int = 0,
-) -> Path:
-    """Writes a random SD (default: the tiny demo model) as a diffusers folder; skips it if already complete."""
-    folder = Path(folder)
+) -> epath.Path:
+    """Writes a random SD (default: the tiny demo model) as a diffusers folder (local or `gs://`); skips it if
+    already complete."""
+    folder = as_path(folder)
     if (folder / "model_index.json").exists():
         return folder
     configs = {"unet": unet, "vae": vae, "text_encoder": text_encoder}

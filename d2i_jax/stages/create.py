@@ -8,9 +8,9 @@ Each real image's latent is noised to `create.T` (600) and denoised with DDIM (t
 `label/NNNNNN.*` (theta_W's label in the task's encoding, `Task.write_label`: for inspection, and the ground truth
 of `self_improve.teacher = "fixed"`),
 `manifest.jsonl` (source id, seed, T, steps, guidance, use_captions) and `samples.png`; a rerun skips what exists.
-On several processes each feeds its rows of every batch; process 0 writes the results into the shared workdir.
-Every file is written under a temporary name and renamed, so a run killed mid-write never leaves a partial image
-that a rerun would take as done.
+On several processes each feeds its rows of every batch; process 0 writes the results into the shared workdir
+(local or `gs://`). Every file appears whole (`d2i_jax.data.atomic`), and an image is written after its label and
+caption, so a run killed mid-write never leaves a partial creation that a rerun would take as done.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from d2i_jax import viz
 from d2i_jax.data import keys
-from d2i_jax.data.atomic import write_atomically, write_png_atomically
+from d2i_jax.data.atomic import AppendLog, write_atomically, write_png_atomically
 from d2i_jax.diffusion.schedule import NoiseSchedule
 from d2i_jax.perception.generation import PairGenerator
 from d2i_jax.stages.evaluate import format_table
@@ -81,7 +81,8 @@ def run(r: Run) -> None:
     if count == 0:
         print("[create] create.num_images = 0: no synthetic images (self_improve then trains on real data only)")
         return
-    missing = np.asarray([not (out / "img" / f"{i:06d}.png").exists() for i in range(count)])
+    existing = {p.name for p in (out / "img").glob("*.png")}  # one listing, not a request per image
+    missing = np.asarray([f"{i:06d}.png" not in existing for i in range(count)])
     todo = np.flatnonzero(multihost_utils.broadcast_one_to_all(missing)).tolist()  # process 0's view for all
     print(f"[create] {count} images ({count - len(todo)} already there), source={cfg.source}, T={cfg.T}, "
           f"{cfg.num_steps} DDIM steps, guidance {cfg.guidance_scale}, "
@@ -104,7 +105,7 @@ def run(r: Run) -> None:
     fidelity = Fidelity(r) if cfg.source == "partial" else None
     grid = []
     writer = jax.process_index() == 0  # the workdir is shared (see `d2i_jax.runner`)
-    manifest = (out / "manifest.jsonl").open("a") if writer else None
+    manifest = AppendLog(out / "manifest.jsonl") if writer else None
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc="create", unit="batch"):
         ids = todo[start:start + cfg.batch_size]
         examples = [source[i % len(source)] for i in ids]  # every process reads the whole batch, feeds its rows

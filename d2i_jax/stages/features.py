@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from d2i_jax import viz
+from d2i_jax.data.files import readable
 from d2i_jax.data.scenes import render_scene
 from d2i_jax.perception.fusion import group_by_stride
 
@@ -40,7 +41,7 @@ def _load_images(r: Run) -> list[np.ndarray]:
         out = []
         for path in cfg.images:
             try:
-                im = Image.open(path).convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+                im = Image.open(readable(path)).convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
             except OSError as e:
                 raise FileNotFoundError(f"config.features.images: cannot read {path}: {e}") from e
             out.append(np.asarray(im))

@@ -24,18 +24,19 @@ Each phase trains with the shared loop (`d2i_jax.training.loop.fit`): jitted, sh
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from d2i_jax import viz
 from d2i_jax.data import keys
+from d2i_jax.data.files import as_path
 from d2i_jax.data.fingerprint import digest
-from d2i_jax.data.latent_cache import WithMoments, encode_moments
+from d2i_jax.data.latent_cache import WithMoments, encode_moments, load_moments
 from d2i_jax.data.scenes import write_image_pool
 from d2i_jax.data.synthetic import CaptionedImages
 from d2i_jax.diffusion.sampling import ddim_sample
@@ -44,6 +45,7 @@ from d2i_jax.distributed import process_zero_writes
 from d2i_jax.models.clip import CaptionContexts, embed_prompts
 from d2i_jax.models.export import write_diffusers_folder
 from d2i_jax.models.loading import StableDiffusion, load_stable_diffusion, param_shapes, restore_params, save_params
+from d2i_jax.remote import list_files, local_copy
 from d2i_jax.training.inference import sharded_call
 from d2i_jax.training.loop import FitOptions, fit
 from d2i_jax.training.prior_steps import AutoencoderSteps, DenoiserSteps, psnr_from_mse
@@ -70,7 +72,7 @@ def run(r: Run) -> None:
     moments = encode_moments(pool, init.vae, r.shard(vae_params), r.mesh, out / "unet" / "moments.npy",
                              batch_size=cfg.unet.batch_size, fingerprint=_model_digest(out / "vae" / "model"),
                              desc="prior: latents of the pool")
-    scaling_factor = latent_scaling_factor(np.load(moments, mmap_mode="r"))
+    scaling_factor = latent_scaling_factor(load_moments(moments))
     print(f"[prior] latent scaling factor 1 / std = {scaling_factor:.5f} (SD1.5: 0.18215)")
     unet_params = _denoiser(r, cfg.unet, init, WithMoments(pool, moments), scaling_factor)
 
@@ -79,14 +81,15 @@ def run(r: Run) -> None:
         out / "sd", {"unet": unet_params, "vae": vae_params, "text_encoder": init.params["text_encoder"]}, configs,
         scheduler=init.scheduler_config, tokenizer_from=init.config_folder / "tokenizer",
         note="the prior stage of d2i_jax: trained from scratch on unlabelled images"))
-    trained = load_stable_diffusion(out / "sd", dtype=compute_dtype(r.config.model.dtype))  # the converter's path
+    trained = load_stable_diffusion(local_copy(out / "sd", "the prior's SD"),  # the converter's path
+                                    dtype=compute_dtype(r.config.model.dtype))
     quality = _quality(r, cfg, init, trained)
     r.writer.summary({"prior": {**quality, "scaling_factor": scaling_factor, "pool_size": len(pool)}})
 
 
-def _pool_root(r: Run, cfg: ml_collections.ConfigDict, size: tuple[int, int]) -> Path:
+def _pool_root(r: Run, cfg: ml_collections.ConfigDict, size: tuple[int, int]) -> epath.Path:
     if cfg.pool_root:
-        return Path(cfg.pool_root)
+        return as_path(cfg.pool_root)
     if r.config.data.name != "scenes":
         raise ValueError(f"config.prior.pool_root is empty: the prior renders procedural scenes, which are not "
                          f"config.data.name={r.config.data.name!r}'s domain; give a folder of img/*.png and "
@@ -97,9 +100,9 @@ def _pool_root(r: Run, cfg: ml_collections.ConfigDict, size: tuple[int, int]) ->
     return root
 
 
-def _model_digest(model_dir: Path) -> str:
+def _model_digest(model_dir: epath.Path) -> str:
     """What a cache computed from a saved model depends on: its files (paths, sizes, times)."""
-    return digest("prior-model", files=sorted(p for p in model_dir.rglob("*") if p.is_file()))
+    return digest("prior-model", files=list_files(model_dir))
 
 
 def latent_scaling_factor(moments: np.ndarray) -> float:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
+
+from d2i_jax.data.files import PathLike
 
 
 @runtime_checkable
@@ -72,14 +74,14 @@ class Task(Protocol):
         """Placeholder labels (`label_keys`, all ignored) of an unlabelled image of `size`: a synthetic example
         carries them so that it batches with real ones; theta_C replaces them in the step."""
 
-    def label_file(self, directory: Path, name: str) -> Path:
+    def label_file(self, directory: PathLike, name: str) -> epath.Path:
         """The file `write_label(directory, name, ...)` writes the label to (and `read_label` reads)."""
 
-    def write_label(self, directory: Path, name: str, prediction: np.ndarray) -> None:
+    def write_label(self, directory: PathLike, name: str, prediction: np.ndarray) -> None:
         """Writes one prediction `[H, W, C]` as a label in the task's on-disk encoding to `label_file(directory,
         name)` (plus any picture beside it), atomically."""
 
-    def read_label(self, path: Path, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    def read_label(self, path: PathLike, size: tuple[int, int]) -> dict[str, np.ndarray]:
         """Labels (`label_keys`) from a file `write_label` wrote, at `size` (H, W)."""
 
     # ------------------------------------------------------------------ evaluation

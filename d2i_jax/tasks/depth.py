@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -23,11 +22,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_npy_atomically, write_png_atomically
+from d2i_jax.data.files import PathLike, as_path, load_npy
 from d2i_jax.metrics import DepthErrorAccumulator
 from d2i_jax.perception.skip_decoder import SkipDecoderHead
 from d2i_jax.perception.vpd import VPDDepthDecoder, VPDTaskHead
@@ -95,23 +96,20 @@ class DepthTask:
         return {keys.DEPTH: np.zeros(size, np.float32)}
 
     @staticmethod
-    def label_file(directory: Path, name: str) -> Path:
-        return Path(directory) / f"{name}.npy"
+    def label_file(directory: PathLike, name: str) -> epath.Path:
+        return as_path(directory) / f"{name}.npy"
 
-    def write_label(self, directory: Path, name: str, prediction: np.ndarray) -> None:
+    def write_label(self, directory: PathLike, name: str, prediction: np.ndarray) -> None:
         """`<name>.npy` (float32 metres, as NYUD-MT's depth files) and `<name>_color.png` to look at."""
         depth = np.asarray(prediction[..., 0], np.float32)
-        write_png_atomically(Path(directory) / f"{name}_color.png", viz.depth_to_rgb(depth, vmin=0.0,
+        write_png_atomically(as_path(directory) / f"{name}_color.png", viz.depth_to_rgb(depth, vmin=0.0,
                                                                                        vmax=self.max_depth))
         write_npy_atomically(self.label_file(directory, name), depth)
 
     @staticmethod
-    def read_label(path: Path, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    def read_label(path: PathLike, size: tuple[int, int]) -> dict[str, np.ndarray]:
         """A depth `.npy` at `size`, resized nearest as the readers do."""
-        try:
-            depth = np.load(path).astype(np.float32)
-        except (OSError, ValueError) as e:
-            raise OSError(f"cannot read stored depth label {path}: {e}") from e
+        depth = load_npy(path, "stored depth label").astype(np.float32)
         if depth.shape != tuple(size):
             depth = np.asarray(Image.fromarray(depth).resize((size[1], size[0]), Image.Resampling.NEAREST))
         return {keys.DEPTH: depth}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -30,8 +29,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from d2i_jax import viz
+from d2i_jax.data.files import PathLike, as_path
 from d2i_jax.metrics import multi_task_delta
 from d2i_jax.perception.invpt_head import InvPTHead
 from d2i_jax.perception.multi_head import MultiHead, MultiTaskOutputs
@@ -170,20 +171,20 @@ class MultiTask:
     def empty_labels(self, size: tuple[int, int]) -> dict[str, np.ndarray]:
         return {k: v for _, task in self.tasks for k, v in task.empty_labels(size).items()}
 
-    def label_file(self, directory: Path, name: str) -> Path:
+    def label_file(self, directory: PathLike, name: str) -> epath.Path:
         """The last task's label file (`<directory>/<key>/...`): `write_label` writes it last."""
         key, task = self.tasks[-1]
-        return task.label_file(Path(directory) / key, name)
+        return task.label_file(as_path(directory) / key, name)
 
-    def write_label(self, directory: Path, name: str, prediction: np.ndarray) -> None:
+    def write_label(self, directory: PathLike, name: str, prediction: np.ndarray) -> None:
         parts = self.split(prediction)
         for key, task in self.tasks:
-            (Path(directory) / key).mkdir(parents=True, exist_ok=True)
-            task.write_label(Path(directory) / key, name, parts[key])
+            (as_path(directory) / key).mkdir(parents=True, exist_ok=True)
+            task.write_label(as_path(directory) / key, name, parts[key])
 
-    def read_label(self, path: Path, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    def read_label(self, path: PathLike, size: tuple[int, int]) -> dict[str, np.ndarray]:
         """Every task's label of the example whose `label_file` is `path`."""
-        directory, name = Path(path).parent.parent, Path(path).stem
+        directory, name = as_path(path).parent.parent, as_path(path).stem
         return {k: v for key, task in self.tasks
                 for k, v in task.read_label(task.label_file(directory / key, name), size).items()}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -12,12 +11,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_png_atomically
-from d2i_jax.data.files import load_image
+from d2i_jax.data.files import PathLike, as_path, load_image
 from d2i_jax.data.nyu import decode_normals
 from d2i_jax.losses import NORMAL_LOSSES, UNCERTAINTY_GUIDED
 from d2i_jax.metrics import DEGREES_PER_RADIAN, PUBLIC_DEGREES_PER_RADIAN, NormalErrorAccumulator
@@ -125,16 +125,16 @@ class NormalsTask:
         return {keys.NORMAL: np.zeros((*size, 3), np.float32), keys.MASK: np.zeros(size, bool)}
 
     @staticmethod
-    def label_file(directory: Path, name: str) -> Path:
-        return Path(directory) / f"{name}.png"
+    def label_file(directory: PathLike, name: str) -> epath.Path:
+        return as_path(directory) / f"{name}.png"
 
-    def write_label(self, directory: Path, name: str, prediction: np.ndarray) -> None:
+    def write_label(self, directory: PathLike, name: str, prediction: np.ndarray) -> None:
         """`<name>.png` in the NYUv2 normal PNG encoding (n = RGB / 255 * 2 - 1; every pixel valid)."""
         write_png_atomically(self.label_file(directory, name),
                              np.clip(np.round((prediction[..., :3] + 1) * 127.5), 1, 255).astype(np.uint8))
 
     @staticmethod
-    def read_label(path: Path, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    def read_label(path: PathLike, size: tuple[int, int]) -> dict[str, np.ndarray]:
         """A normal PNG at `size`, resized nearest as `NyuNormals` does."""
         rgb = load_image(path, "stored normal label", ("RGB",))
         if rgb.size != (size[1], size[0]):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +28,7 @@ import numpy as np
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_npy_atomically, write_png_atomically
+from d2i_jax.data.files import PathLike, as_path
 from d2i_jax.metrics import AlignedDepthErrorAccumulator
 from d2i_jax.perception.dpt_head import DPTDepth
 from d2i_jax.perception.one_step import DecodedDepth
@@ -114,10 +114,10 @@ class RelativeDepthTask(DepthTask):
         shifted = jnp.maximum(prediction[..., 0] + 2.0, 0.5)  # [-1, 1] -> [1, 3]; a stray value stays positive
         return {keys.DEPTH: shifted if self.space == "depth" else 1.0 / shifted}
 
-    def write_label(self, directory: Path, name: str, prediction: np.ndarray) -> None:
+    def write_label(self, directory: PathLike, name: str, prediction: np.ndarray) -> None:
         """`<name>.npy`: the pseudo-depth of `pseudo_labels` (float32), and `<name>_color.png` to look at."""
         depth = np.asarray(self.pseudo_labels(jnp.asarray(prediction))[keys.DEPTH], np.float32)
-        write_png_atomically(Path(directory) / f"{name}_color.png", self.pictures(prediction)["depth"])
+        write_png_atomically(as_path(directory) / f"{name}_color.png", self.pictures(prediction)["depth"])
         write_npy_atomically(self.label_file(directory, name), depth)
 
     def new_metrics(self, protocol: str = "public") -> AlignedDepthErrorAccumulator:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -28,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_png_atomically
-from d2i_jax.data.files import load_image
+from d2i_jax.data.files import PathLike, as_path, load_image
 from d2i_jax.data.pascal_context import binarise_saliency
 from d2i_jax.metrics import MaxFAccumulator
 from d2i_jax.perception.skip_decoder import SkipDecoderHead
@@ -108,15 +108,15 @@ class SaliencyTask:
         return {keys.SALIENCY: np.full(size, self.ignore_index, np.int32)}
 
     @staticmethod
-    def label_file(directory: Path, name: str) -> Path:
-        return Path(directory) / f"{name}.png"
+    def label_file(directory: PathLike, name: str) -> epath.Path:
+        return as_path(directory) / f"{name}.png"
 
-    def write_label(self, directory: Path, name: str, prediction: np.ndarray) -> None:
+    def write_label(self, directory: PathLike, name: str, prediction: np.ndarray) -> None:
         """A grey PNG of the probability x 255, as PASCAL-Context's `sal_distill` maps."""
         p = 1 / (1 + np.exp(-np.asarray(prediction[..., 0], np.float64)))
         write_png_atomically(self.label_file(directory, name), np.round(p * 255).astype(np.uint8))
 
-    def read_label(self, path: Path, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    def read_label(self, path: PathLike, size: tuple[int, int]) -> dict[str, np.ndarray]:
         """A grey PNG binarised as the PASCAL-Context reader does, resized nearest."""
         im = load_image(path, "stored saliency label", ("L",))
         if im.size != (size[1], size[0]):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -22,12 +21,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from d2i_jax import viz
 from d2i_jax.data import keys
 from d2i_jax.data.atomic import write_png_atomically
-from d2i_jax.data.files import load_image
+from d2i_jax.data.files import PathLike, as_path, load_image
 from d2i_jax.metrics import ConfusionMatrixAccumulator
 from d2i_jax.perception.skip_decoder import SkipDecoderHead
 from d2i_jax.perception.vpd import SemanticFPN, VPDTaskHead
@@ -102,15 +102,15 @@ class SegmentationTask:
         return {self.label_key: np.full(size, self.ignore_index, np.int32)}
 
     @staticmethod
-    def label_file(directory: Path, name: str) -> Path:
-        return Path(directory) / f"{name}.png"
+    def label_file(directory: PathLike, name: str) -> epath.Path:
+        return as_path(directory) / f"{name}.png"
 
-    def write_label(self, directory: Path, name: str, prediction: np.ndarray) -> None:
+    def write_label(self, directory: PathLike, name: str, prediction: np.ndarray) -> None:
         """A palette PNG of the argmax classes (value = class id, colours = `viz.SEG_PALETTE`)."""
         classes = np.argmax(prediction, axis=-1).astype(np.uint8)
         write_png_atomically(self.label_file(directory, name), classes, palette=viz.SEG_PALETTE[:256])
 
-    def read_label(self, path: Path, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    def read_label(self, path: PathLike, size: tuple[int, int]) -> dict[str, np.ndarray]:
         im = load_image(path, "stored segmentation label", ("P", "L"))
         if im.size != (size[1], size[0]):
             im = im.resize((size[1], size[0]), Image.Resampling.NEAREST)

@@ -5,19 +5,21 @@ Restoring both reproduces the run exactly: the next batch is the one the interru
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from d2i_jax.data.files import PathLike, absolute
+
 
 class Checkpointer:
-    """Keeps the last `max_to_keep` checkpoints of `(state, data iterator)` under `directory`."""
+    """Keeps the last `max_to_keep` checkpoints of `(state, data iterator)` under `directory` (local or `gs://`:
+    orbax writes through tensorstore / etils.epath and commits a step only once all of it is written)."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: PathLike, *, max_to_keep: int = 2):
+        self.directory = absolute(directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         )

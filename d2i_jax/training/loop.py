@@ -15,7 +15,6 @@ import dataclasses
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import jax
@@ -26,6 +25,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from d2i_jax.data import keys
+from d2i_jax.data.files import PathLike
 from d2i_jax.data.pipeline import RandomAccessSource, batches_per_epoch, make_loader
 from d2i_jax.training.checkpoint import Checkpointer
 from d2i_jax.training.sharding import batch_sharding, global_batch, replicated, shardings_of
@@ -45,6 +45,9 @@ class StepFunctions(Protocol):
 
 class ScalarWriter(Protocol):
     def write(self, stage: str, step: int, scalars: Any) -> None: ...
+
+    def flush(self) -> None:
+        """Makes the logs so far durable; called with every checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +98,7 @@ def _stop_requested_on(signals: Sequence[signal.Signals]) -> Iterator[Callable[[
 
 
 def fit(stage: str, steps: StepFunctions, state: TrainState, source: RandomAccessSource, *, frozen: Any,
-        mesh: Mesh, contexts: Callable[[list[str]], np.ndarray], checkpoint_dir: str | Path, writer: ScalarWriter,
+        mesh: Mesh, contexts: Callable[[list[str]], np.ndarray], checkpoint_dir: PathLike, writer: ScalarWriter,
         options: FitOptions, epochs: int, shuffle: bool = True,
         random_map: Callable[[Any, np.random.Generator], Any] | None = None, max_steps: int = 0) -> TrainState:
     """Trains `state` (on `mesh`, e.g. from `create_sharded`) for `epochs` passes over `source`.
@@ -166,6 +169,7 @@ def fit(stage: str, steps: StepFunctions, state: TrainState, source: RandomAcces
                         "data")
             stop = _any_process(sigterm()) or ckpt.reached_preemption(step)
             if stop or _is_due(step, options.checkpoint_every, total):
+                writer.flush()  # first: the logs hold every step the checkpoint holds
                 ckpt.save(step, state, loader)
             if stop:
                 bar.close()
