@@ -96,26 +96,27 @@ def make_perceiver(config: ml_collections.ConfigDict, backbone: Backbone, task: 
                      context_adapter=TextAdapter() if config.model.context_adapter else None)
 
 
-# config keys that may name an object store (besides the workdir): dataset roots and the prior's image pool (the
-# readers read through etils.epath), weights and class embeddings (copied once to a local cache, `d2i_jax.remote`)
-REMOTE_KEYS = re.compile(r"^((data|evaluate\.data)(\.mix\.[^.]+)?\.root|prior\.pool_root|sd_path|init_from"
-                         r"|model\.(vit_checkpoint|class_embeddings_file))$")
+# config keys that may name an object store (besides the workdir): dataset roots, split lists and the prior's image
+# pool (the readers read through etils.epath), TFDS data dirs, weights and class embeddings (copied once to a local
+# cache, `d2i_jax.remote`)
+REMOTE_KEYS = re.compile(r"^((data|evaluate\.data)(\.mix\.[^.]+)?\.(root|list_dir|tfds_dir)|prior\.pool_root|sd_path"
+                         r"|init_from|model\.(vit_checkpoint|class_embeddings_file))$")
 
 
 def refuse_urls(config: ml_collections.ConfigDict) -> None:
     """Object-store paths (gs://, s3://, ...) are taken only where the code reads them through etils.epath or a local
-    copy (`REMOTE_KEYS`); anywhere else (e.g. `data.tfds_dir`: array_record reads local files) `pathlib` would turn
-    `gs://bucket/x` into a local folder `gs:/bucket/x`. Raises naming the config key."""
+    copy (`REMOTE_KEYS`); anywhere else (e.g. a plug-in's own path key) `pathlib` could turn `gs://bucket/x` into a
+    local folder `gs:/bucket/x`. Raises naming the config key."""
 
     def scan(node: Any, prefix: str) -> None:
         for key, value in node.items():
             if isinstance(value, ml_collections.ConfigDict):
                 scan(value, f"{prefix}{key}.")
             elif isinstance(value, str) and is_url(value) and not REMOTE_KEYS.match(f"{prefix}{key}"):
-                raise ValueError(f"config.{prefix}{key}={value!r} is a URL: object stores are read as the workdir, "
-                                 "dataset roots, prior.pool_root, weights and class embeddings (data.root, sd_path, "
-                                 "init_from, model.vit_checkpoint, model.class_embeddings_file); give a local path "
-                                 "here (or a gcsfuse mount)")
+                raise ValueError(f"config.{prefix}{key}={value!r} is a URL: object stores are read as the workdir and "
+                                 "as data.root / list_dir / tfds_dir, prior.pool_root, sd_path, init_from, "
+                                 "model.vit_checkpoint, model.class_embeddings_file; give a local path here (or a "
+                                 "gcsfuse mount)")
 
     scan(config, "")
 

@@ -172,7 +172,8 @@ def test_object_store_paths_are_refused_by_name(name):
     config.prior.pool_root = "gs://bucket/pool"
     config.sd_path = "gs://bucket/sd15"  # weights are copied to a local cache (d2i_jax.remote)
     config.model.class_embeddings_file = "gs://bucket/class_embeddings.npy"
+    config.data.tfds_dir = "gs://bucket/tfds"  # a local copy of the dataset per host
     refuse_urls(config)
-    config.data.tfds_dir = "gs://bucket/tfds"
-    with pytest.raises(ValueError, match=r"config\.data\.tfds_dir='gs://bucket/tfds' is a URL"):
+    config.data.plugin_dir = "gs://bucket/other"  # a key the project does not read through etils.epath
+    with pytest.raises(ValueError, match=r"config\.data\.plugin_dir='gs://bucket/other' is a URL"):
         refuse_urls(config)

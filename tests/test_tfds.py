@@ -11,6 +11,7 @@ import pickle
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import ml_collections
@@ -213,6 +214,27 @@ def test_build_keeps_or_overwrites(built, tmp_path):
     time.sleep(0.01)  # a new modification time
     build(config, out, overwrite=True)
     assert get_source(data, "train", size=None, label_keys=labels, workdir="unused").fingerprint() != before
+
+
+@pytest.mark.parametrize("built", ["nyud_mt_png"], indirect=True)
+def test_a_gcs_data_dir(built, gcs, tmp_path, monkeypatch, capsys):
+    """`--out` and `data.tfds_dir` as gs:// URLs (the emulator): built locally and uploaded, kept on a second build,
+    read from a local copy; the folder reader's examples."""
+    monkeypatch.setenv("D2I_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # a URL taken for a local path would land here as ./gs:/...
+    config, workdir, _, labels = built
+    out = f"{gcs}/tfds-{uuid.uuid4().hex[:8]}"
+    build(config, out, workdir=workdir)
+    build(config, out, workdir=workdir)
+    assert capsys.readouterr().out.count("[tfds] building") == 1
+    data = with_data(config.data, source="tfds", tfds_dir=out)
+    for split in used_datasets(config)[data.name][1]:
+        folder = get_source(config.data, split, size=(10, 13), label_keys=labels, workdir=workdir)
+        remote = get_source(data, split, size=(10, 13), label_keys=labels, workdir="unused")
+        assert len(remote) == len(folder) > 0
+        for i in range(len(folder)):
+            assert_same(folder[i], remote[i], f"gs:// {split}[{i}]")
+    assert not (tmp_path / "gs:").exists()
 
 
 def test_the_datasets_a_config_reads():

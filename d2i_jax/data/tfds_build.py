@@ -11,6 +11,7 @@ is kept; `--overwrite` builds it again (after changing its files or settings). T
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,13 @@ from typing import Any
 import ml_collections
 import tensorflow_datasets as tfds
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
-from d2i_jax.data.files import is_url
+from d2i_jax.data.files import PathLike, is_url
 from d2i_jax.data.tfds_builder import D2iJaxData
 from d2i_jax.data.tfds_source import content_settings, dataset_dir
+from d2i_jax.remote import upload
 
 
 def _with(data: ml_collections.ConfigDict, overrides: dict, **changes: Any) -> ml_collections.ConfigDict:
@@ -63,31 +66,45 @@ def used_datasets(config: ml_collections.ConfigDict) -> dict[str, tuple[ml_colle
     return datasets
 
 
-def build(config: ml_collections.ConfigDict, out: str | Path, *, workdir: str | Path | None = None,
-          overwrite: bool = False) -> dict[str, Path]:
+def build(config: ml_collections.ConfigDict, out: PathLike, *, workdir: PathLike | None = None,
+          overwrite: bool = False) -> dict[str, epath.Path]:
     """Build (or keep) each dataset of `used_datasets(config)` under the TFDS data dir `out`; returns name -> its
-    folder. A kept dataset without a split the config reads is an error (rebuild it with `overwrite`)."""
-    if is_url(out):  # pathlib would make gs://b a local folder gs:/b
-        raise ValueError(f"--out {out}: TFDS array_record files are built and read on a local disk (array_record reads "
-                         "local files); build into a local folder (the dataset roots may be gs:// URLs)")
+    folder. A kept dataset without a split the config reads is an error (rebuild it with `overwrite`). A `gs://`
+    `out` is built in a local folder and each dataset uploaded when complete (its `dataset_info.json`, which marks
+    it built, last)."""
     built = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (data, splits) in used_datasets(config).items():
             folder = dataset_dir(out, name)
             if overwrite or not (folder / "dataset_info.json").is_file():
+                data_dir = Path(tmp) / "tfds" if is_url(out) else out
                 print(f"[tfds] building {name} {splits} from {data.get('root') or workdir or tmp} into {folder}")
                 builder = D2iJaxData(data=data, splits=tuple(splits), workdir=workdir or tmp, seed=config.seed,
-                                     data_dir=str(out), file_format="array_record")
+                                     data_dir=str(data_dir), file_format="array_record")
                 mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # writes the dataset afresh
                 builder.download_and_prepare(download_dir=str(Path(tmp) / "downloads"),  # none: keep out clean
                                              download_config=tfds.download.DownloadConfig(download_mode=mode))
-            missing = sorted(set(splits) - set(tfds.builder_from_directory(str(folder)).info.splits))
+                if is_url(out):
+                    _upload_dataset(dataset_dir(data_dir, name), folder)
+            info = json.loads((folder / "dataset_info.json").read_text())
+            missing = sorted(set(splits) - {s["name"] for s in info.get("splits", [])})
             if missing:
                 raise ValueError(f"TFDS dataset {name!r} in {folder} was built without the splits {missing} the "
                                  "config reads: rebuild it with --overwrite")
             print(f"[tfds] {name}: {folder}")
             built[name] = folder
     return built
+
+
+def _upload_dataset(local: Path, remote: epath.Path) -> None:
+    """A dataset built locally to its remote folder: an earlier build there removed, `dataset_info.json` last."""
+    if remote.exists():
+        remote.rmtree()
+    info = local / "dataset_info.json"
+    for path in sorted(local.iterdir()):
+        if path != info:
+            upload(path, remote / path.name)
+    upload(info, remote / info.name)
 
 
 def main(argv: list[str]) -> None:
@@ -101,7 +118,8 @@ def define_flags() -> None:
     """The command line's flags, defined only when run as a program (`d2i_jax.main` has a `--config` of its own and
     `d2i_jax.plugins.available` imports every module of the package)."""
     config_flags.DEFINE_config_file("config", None, "Python config file returning get_config().", lock_config=True)
-    flags.DEFINE_string("out", None, "The TFDS data dir to build into (config.data.tfds_dir when reading).")
+    flags.DEFINE_string("out", None, "The TFDS data dir to build into, local or gs:// (config.data.tfds_dir when "
+                        "reading).")
     flags.DEFINE_string("workdir", "", "Where the procedural scenes are rendered first (default: a temporary folder).")
     flags.DEFINE_bool("overwrite", False, "Build datasets that are already built again.")
     flags.mark_flags_as_required(["config", "out"])

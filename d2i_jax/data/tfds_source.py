@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from d2i_jax.data import keys
-from d2i_jax.data.files import RESIZES, resize_nearest, resize_rgb
+from d2i_jax.data.files import RESIZES, PathLike, as_path, resize_nearest, resize_rgb
 from d2i_jax.data.fingerprint import digest
 from d2i_jax.data.nyu import normals_from_map, pil_nearest
 
@@ -34,9 +34,9 @@ READ_TIME_KEYS = frozenset({"source", "tfds_dir", "root", "list_dir", "splits", 
 BUILD_COMMAND = "python -m d2i_jax.data.tfds_build --config <the config> --out {dir}"
 
 
-def dataset_dir(tfds_dir: str | Path, name: str) -> Path:
-    """The folder of dataset `name` (a `config.data.name`) under the TFDS data dir `tfds_dir`."""
-    return Path(tfds_dir) / BUILDER / name / VERSION
+def dataset_dir(tfds_dir: PathLike, name: str) -> epath.Path:
+    """The folder of dataset `name` (a `config.data.name`) under the TFDS data dir `tfds_dir` (local or `gs://`)."""
+    return as_path(tfds_dir) / BUILDER / name / VERSION
 
 
 def content_settings(data: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -51,14 +51,15 @@ class TfdsSource:
     """Random-access examples of one split of a built dataset, as its folder reader gives them.
 
     Args:
-      tfds_dir: the TFDS data dir the dataset was built into.
+      tfds_dir: the TFDS data dir the dataset was built into; a `gs://` one is read from a local copy of the
+        dataset's folder, made once per host (`d2i_jax.remote.local_copy`: array_record reads local files).
       data: the `config.data` section (its `name` picks the dataset; its content settings must be the build's).
       split: the split's name, as the folder reader's.
       size: (H, W) to resize to; None keeps the size on disk.
       label_keys: the labels to read (`keys.MASK` comes with `keys.NORMAL`, as in the folder readers).
     """
 
-    def __init__(self, tfds_dir: str | Path, data: ml_collections.ConfigDict, split: str, *,
+    def __init__(self, tfds_dir: PathLike, data: ml_collections.ConfigDict, split: str, *,
                  size: tuple[int, int] | None, label_keys: Sequence[str]):
         try:
             import tensorflow_datasets as tfds
@@ -71,6 +72,9 @@ class TfdsSource:
         if not (self.dir / "dataset_info.json").is_file():
             raise FileNotFoundError(f"no TFDS dataset {self.name!r} under {tfds_dir} ({self.dir} is not built): "
                                     f"run {command}")
+        from d2i_jax.remote import local_copy  # here: d2i_jax.remote imports this package
+
+        self.dir = local_copy(self.dir, "config.data.tfds_dir's dataset")
         builder = tfds.builder_from_directory(str(self.dir))
         info = builder.info
         if split not in info.splits:
