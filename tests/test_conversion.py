@@ -13,6 +13,8 @@ from safetensors.numpy import load_file, save_file
 
 from d2i_jax.models import load_stable_diffusion
 from d2i_jax.models.loading import is_converted
+from d2i_jax.remote import local_copy
+from tests.gcs_emulator import upload
 from tests.sd_reference import CLIP_SD1, UNET_SD1, VAE_SMALL, assert_trees_equal, make_sd_folder
 from weights_conversion.__main__ import main as convert_main
 from weights_conversion.flax_to_torch import to_state_dict
@@ -34,6 +36,20 @@ def test_cli_converts_and_loader_reads_it(sd_folder, tmp_path):
     assert_trees_equal(direct.params, converted.params)
     assert converted.prediction_type == "epsilon"
     assert converted.tokenizer("a cat").input_ids == direct.tokenizer("a cat").input_ids
+
+
+def test_cli_reads_and_writes_gcs(sd_folder, gcs, tmp_path, monkeypatch):
+    """`--src` and `--out` as gs:// URLs (the emulator): the source copied locally, the result uploaded whole; read
+    back through `config.sd_path`'s local copy it is the local conversion."""
+    monkeypatch.setenv("D2I_CACHE", str(tmp_path / "cache"))
+    folder, _, _ = sd_folder
+    src = upload(folder, f"{gcs}/conversion/src")
+    out = f"{gcs}/conversion/converted"
+    assert convert_main(["--src", src, "--out", out, "--components", "vae"]) == 0
+    converted = load_stable_diffusion(local_copy(out, "test"), components=("vae",), load_tokenizer=False)
+    assert_trees_equal(load_stable_diffusion(folder, components=("vae",), load_tokenizer=False).params,
+                       converted.params)
+    assert not list((tmp_path / "cache").glob("staged-*"))
 
 
 def test_cli_bfloat16_storage(sd_folder, tmp_path):

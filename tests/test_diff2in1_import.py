@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from etils import epath
 
 from d2i_jax.perception.fusion import FeatureFusion, group_by_stride
 from d2i_jax.perception.normal_head import NormalHead
 from tests import public_diff2in1 as public
+from tests.gcs_emulator import upload
 from weights_conversion import diff2in1
 from weights_conversion.torch_to_flax import ConversionError
 
@@ -226,6 +228,23 @@ def test_cli_writes_a_model_folder(tiny, tmp_path, capsys):
     jax.tree.map(np.testing.assert_array_equal, restored, model)
     assert diff2in1.main(["--sn", str(tmp_path / "nope.pth"), "--bae", str(tmp_path / "bae.pth"),
                           "--out", str(tmp_path / "out2")]) == 1
+
+
+def test_cli_on_gcs(tiny, gcs, tmp_path, monkeypatch):
+    """Checkpoints and the output folder as gs:// URLs (the emulator): the model written there restores exactly."""
+    monkeypatch.setenv("D2I_CACHE", str(tmp_path / "cache"))
+    sn, bae, model, _ = tiny
+    (tmp_path / "ckpt").mkdir()
+    torch.save(sn.state_dict(), tmp_path / "ckpt" / "sn.pth")
+    torch.save(bae.state_dict(), tmp_path / "ckpt" / "bae.pth")
+    url = upload(tmp_path / "ckpt", f"{gcs}/diff2in1")
+    assert diff2in1.main(["--sn", f"{url}/sn.pth", "--bae", f"{url}/bae.pth", "--out", f"{url}/out"]) == 0
+    from d2i_jax.models.loading import restore_params
+
+    restored = restore_params(f"{url}/out/model", jax.eval_shape(lambda: model), jnp.float32)
+    jax.tree.map(np.testing.assert_array_equal, restored, model)
+    info = json.loads(epath.Path(f"{url}/out/{diff2in1.MODEL_INFO}").read_text())
+    assert info["sources"] == {"sn": f"{url}/sn.pth", "bae": f"{url}/bae.pth"}
 
 
 def import_into_run(tmp_path, stages: tuple[str, ...]):

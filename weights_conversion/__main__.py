@@ -18,6 +18,7 @@ import time
 import jax.numpy as jnp
 
 from d2i_jax.models.loading import COMPONENTS, convert_folder
+from d2i_jax.remote import local_copy, staged
 from weights_conversion.torch_to_flax import ConversionError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -26,8 +27,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_conversion", description=__doc__.splitlines()[0])
     parser.add_argument("--src", required=True, help="diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or "
-                        "single-file LDM checkpoint (.ckpt / .safetensors)")
-    parser.add_argument("--out", required=True, help="output folder for the Flax params")
+                        "single-file LDM checkpoint (.ckpt / .safetensors); a gs:// URL is copied locally first")
+    parser.add_argument("--out", required=True, help="output folder for the Flax params (local or gs://)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage dtype of the params")
     parser.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated subset to convert")
     parser.add_argument("--config-from", help="single files: diffusers folder with the component configs and "
@@ -37,12 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        out = convert_folder(args.src, args.out, dtype=DTYPES[args.dtype], components=args.components.split(","),
-                             config_from=args.config_from, allow_pickle=args.allow_pickle)
+        config_from = args.config_from and local_copy(args.config_from, "--config-from")
+        with staged(args.out) as out:  # a gs:// --out: converted locally, uploaded when complete
+            convert_folder(local_copy(args.src, "--src"), out, dtype=DTYPES[args.dtype],
+                           components=args.components.split(","), config_from=config_from,
+                           allow_pickle=args.allow_pickle)
     except (ConversionError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"conversion failed: {e}", file=sys.stderr)
         return 1
-    print(f"converted {args.src} -> {out} ({args.dtype}) in {time.perf_counter() - start:.1f}s")
+    print(f"converted {args.src} -> {args.out} ({args.dtype}) in {time.perf_counter() - start:.1f}s")
     return 0
 
 

@@ -31,11 +31,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
+from d2i_jax.data.files import PathLike, absolute, as_path
 from d2i_jax.perception.fusion import FeatureFusion
 from d2i_jax.perception.model import DensePredictor
 from d2i_jax.perception.normal_head import NormalHead
+from d2i_jax.remote import local_copy
 from weights_conversion.torch_to_flax import ConversionError, raise_if_mismatched, read_weights_file
 
 GROUPS = ("low", "mid", "high", "highest")
@@ -185,11 +188,12 @@ def convert(sn: Mapping[str, np.ndarray], bae: Mapping[str, np.ndarray]) -> tupl
     return {"params": {"head": tree["params"]}, "batch_stats": tree["batch_stats"]}, widths
 
 
-def write_model(out: str | Path, model: Mapping[str, Any], info: Mapping[str, Any]) -> Path:
-    """Writes `<out>/model` (orbax) and `<out>/d2i_jax_model.json`: the folder `config.init_from` takes."""
+def write_model(out: PathLike, model: Mapping[str, Any], info: Mapping[str, Any]) -> epath.Path:
+    """Writes `<out>/model` (orbax) and `<out>/d2i_jax_model.json` (local or `gs://`): the folder `config.init_from`
+    takes."""
     from d2i_jax.models.loading import save_params
 
-    out = Path(out)
+    out = as_path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_params(out / "model", jax.tree.map(jnp.asarray, dict(model)))
     (out / MODEL_INFO).write_text(json.dumps(info, indent=2))
@@ -210,13 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_conversion.diff2in1", description=__doc__.splitlines()[0])
     parser.add_argument("--sn", required=True, help="the fusion state dict (public code: checkpoint_<epoch>.pth)")
     parser.add_argument("--bae", required=True, help="the decoder state dict (checkpoint_bae_<epoch>.pth)")
-    parser.add_argument("--out", required=True, help="output model folder (use with --config.init_from)")
+    parser.add_argument("--out", required=True, help="output model folder, local or gs:// (use with "
+                        "--config.init_from)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        model, widths = convert(read_checkpoint(args.sn), read_checkpoint(args.bae))
+        model, widths = convert(read_checkpoint(local_copy(args.sn, "--sn")),
+                                read_checkpoint(local_copy(args.bae, "--bae")))
         info = {"format": "d2i_jax perception model (orbax {params, batch_stats})", "task": "normals",
-                "sources": {"sn": str(Path(args.sn).absolute()), "bae": str(Path(args.bae).absolute())},
+                "sources": {"sn": str(absolute(args.sn)), "bae": str(absolute(args.bae))},
                 **widths, "config_overrides": config_overrides(widths)}
         out = write_model(args.out, model, info)
     except (ConversionError, FileNotFoundError, ImportError) as e:
