@@ -6,7 +6,8 @@ path that writers needing one (safetensors, `np.memmap`, diffusers) write, uploa
 
 The cache folder is named by the URL and by the listing of what is under it (names, sizes, modification times), so
 a changed checkpoint gets a fresh copy; a copy is written under a temporary name and renamed when complete, so a
-killed download is never taken for a checkpoint. `D2I_CACHE` sets the cache root (default `~/.cache/d2i_jax`).
+killed download is never taken for a checkpoint, and processes sharing a host may copy at once. `D2I_CACHE` sets
+the cache root (default `~/.cache/d2i_jax`).
 """
 
 from __future__ import annotations
@@ -41,16 +42,22 @@ def local_copy(path: str | os.PathLike, what: str) -> Path:
     local = cache_root() / f"{digest(str(path), files=files)[:16]}-{remote.name}"  # the files' sizes and times
     if local.exists():
         return local
-    partial = local.with_name(local.name + ".partial")
-    if partial.is_dir():
-        shutil.rmtree(partial)
-    else:
-        partial.unlink(missing_ok=True)
-    for p in tqdm(files, desc=f"copying {what} to {local.parent}", unit="file", disable=len(files) < 2):
-        target = partial if p == remote else partial / str(p)[len(str(remote)):].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(p.read_bytes())
-    partial.rename(local)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    # a folder per copy: several processes of one host (one per GPU) may copy the same URL at once
+    partial = Path(tempfile.mkdtemp(dir=cache_root(), prefix=f"{local.name}.partial-"))
+    try:
+        staging = partial / remote.name
+        for p in tqdm(files, desc=f"copying {what} to {local.parent}", unit="file", disable=len(files) < 2):
+            target = staging if p == remote else staging / str(p)[len(str(remote)):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(p.read_bytes())
+        try:
+            staging.rename(local)
+        except OSError:  # another process's copy got there first
+            if not local.exists():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return local
 
 

@@ -4,6 +4,8 @@ fresh copy; a missing one is named."""
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import jax
 import numpy as np
 import pytest
@@ -31,7 +33,7 @@ def test_sd_folder_on_gcs_loads_as_the_local_one(gcs, cache, tmp_path):
     runner.refuse_urls(c)  # weights may be remote
     r = runner.Run(c, tmp_path / "run")
     copy = r.sd_path
-    assert copy.parent == cache and copy.is_dir() and not list(cache.glob("*.partial"))
+    assert copy.parent == cache and copy.is_dir() and not list(cache.glob("*.partial*"))
     ours, ref = r.sd, load_stable_diffusion(local)
     for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(ref.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -52,3 +54,16 @@ def test_single_files_and_missing_urls(gcs, cache, tmp_path):
     assert remote.local_copy(tmp_path / "vit.safetensors", "x") == tmp_path / "vit.safetensors"  # local: as it is
     with pytest.raises(FileNotFoundError, match=r"config\.sd_path=gs://bucket/nowhere does not exist"):
         remote.local_copy(f"{gcs}/nowhere", "config.sd_path")
+
+
+def test_copies_at_once_share_one_cache_entry(gcs, cache, tmp_path):
+    """Processes of one host (one per GPU) copying the same folder at once: each gets the complete copy, one entry
+    is kept, no partial copy is left (threads stand in for the processes)."""
+    for i in range(8):
+        (tmp_path / "ckpt" / f"part{i}").mkdir(parents=True)
+        (tmp_path / "ckpt" / f"part{i}" / "w.bin").write_bytes(bytes([i]) * 1000)
+    url = upload(tmp_path / "ckpt", f"{gcs}/weights/shared")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        copies = list(pool.map(lambda _: remote.local_copy(url, "sd"), range(4)))
+    assert len(set(copies)) == 1 and sorted(p.name for p in cache.iterdir()) == [copies[0].name]
+    assert all((copies[0] / f"part{i}" / "w.bin").read_bytes() == bytes([i]) * 1000 for i in range(8))
