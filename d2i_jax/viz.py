@@ -110,15 +110,19 @@ def semseg_to_rgb(ids: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     return np.where(valid[..., None], rgb, 0).astype(np.uint8)
 
 
-def _text_cell(text: str, size: tuple[int, int], swatch: np.ndarray | None = None) -> np.ndarray:
-    """A black `size` (H, W) cell with `text` in white, after a colour swatch if given."""
+def _text_cell(text: str, size: tuple[int, int], swatch: np.ndarray | None = None, *,
+               align: str = "left") -> np.ndarray:
+    """A black `size` (H, W) cell with `text` in white, after a colour swatch if given, left- or right-aligned."""
     im = Image.new("RGB", (size[1], size[0]))
     draw = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
     x = 2
     if swatch is not None:
         draw.rectangle([2, 2, size[0] - 3, size[0] - 3], fill=tuple(int(v) for v in swatch))
         x = size[0] + 2
-    draw.text((x, max(0, (size[0] - 11) // 2)), text, fill=(255, 255, 255), font=ImageFont.load_default())
+    if align == "right":
+        x = max(x, size[1] - 2 - int(draw.textlength(text, font=font)))
+    draw.text((x, max(0, (size[0] - 11) // 2)), text, fill=(255, 255, 255), font=font)
     return np.asarray(im)
 
 
@@ -144,12 +148,13 @@ def titled_stack(pictures: Mapping[str, np.ndarray | None], *, title_height: int
 
 def colorbar(vmin: float, vmax: float, unit: str, *, reverse: bool = False, width: int = 256,
              height: int = 12) -> np.ndarray:
-    """uint8 colour bar of `colorize` from `vmin` to `vmax` (with `reverse` as there), labelled at both ends."""
+    """uint8 colour bar of `colorize` from `vmin` to `vmax` (with `reverse` as there): the values under its ends,
+    the unit on a line below (so that a long unit never hides a value)."""
     x = np.linspace(0, 1, width)
     bar = np.repeat(VIRIDIS[np.round((1 - x if reverse else x) * 255).astype(np.int64)][None], height, axis=0)
-    ends = np.concatenate([_text_cell(f"{vmin:g} {unit}", (16, width // 2)),
-                           _text_cell(f"{vmax:g} {unit}", (16, width - width // 2))], axis=1)
-    return np.concatenate([bar, ends])
+    ends = np.concatenate([_text_cell(f"{vmin:g}", (16, width // 2)),
+                           _text_cell(f"{vmax:g}", (16, width - width // 2), align="right")], axis=1)
+    return np.concatenate([bar, ends, _text_cell(unit, (16, width))])
 
 
 def make_grid(

@@ -80,6 +80,10 @@ def test_legends_show_the_pictures_colours_and_widen_the_grid(tmp_path):
     bar = viz.colorbar(0, 10, "m", reverse=True, width=64)
     np.testing.assert_array_equal(bar[0, 0], viz.VIRIDIS[255])  # reversed: near (bright) at the left
     np.testing.assert_array_equal(bar[0, -1], viz.VIRIDIS[0])
+    assert bar.shape == (12 + 16 + 16, 64, 3)  # the bar, the values at its ends, the unit below
+    values = bar[12:28]
+    assert values[:, :12].any() and values[:, -12:].any() and not values[:, 32:44].any()  # "0" left, "10" right
+    assert bar[28:, :12].any()  # the unit
     grid = viz.make_grid([[np.full((8, 8, 3), 200, np.uint8)]], pad=2)
     with_footer = viz.save_grid(tmp_path / "g.png", [[np.full((8, 8, 3), 200, np.uint8)]], pad=2, footer=legend)
     assert with_footer.shape == (grid.shape[0] + legend.shape[0] + 2, legend.shape[1] + 4, 3)

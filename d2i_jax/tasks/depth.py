@@ -135,7 +135,7 @@ class DepthTask:
         return viz.depth_to_rgb(labels[keys.DEPTH], vmin=0.0, vmax=self.max_depth)
 
     def legend(self) -> np.ndarray:
-        return viz.colorbar(0.0, self.max_depth, "m", reverse=True)
+        return viz.colorbar(0.0, self.max_depth, "depth in m", reverse=True)
 
 
 def make(config: ml_collections.ConfigDict) -> DepthTask:

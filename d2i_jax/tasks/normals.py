@@ -178,7 +178,7 @@ class NormalsTask:
 
     def legend(self) -> np.ndarray | None:
         """Normals as RGB = (n + 1) / 2 (NYUv2 PNG encoding); the uncertainty's expected angular error scale."""
-        return viz.colorbar(0, 60, "° expected error (uncertainty)") if self.uncertain else None
+        return viz.colorbar(0, 60, "expected angular error in ° (uncertainty)") if self.uncertain else None
 
 
 def make(config: ml_collections.ConfigDict) -> NormalsTask:
