@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,19 +27,23 @@ BASE_ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
 
 
 def _run_two_processes(module: str, arg: Path) -> list[str]:
-    """Runs `python -m module arg` as processes 0 and 1 of one JAX job; returns their stdouts."""
+    """Runs `python -m module arg` as processes 0 and 1 of one JAX job; returns their stdouts. Their output goes to
+    files, not pipes: a process blocked on a full pipe (progress bars) while the other waits for it in a collective
+    would never finish."""
     port = _free_port()
     procs = []
-    for i in range(2):
-        env = {**BASE_ENV, "D2I_COORDINATOR": f"127.0.0.1:{port}", "D2I_NUM_PROCESSES": "2", "D2I_PROCESS_ID": str(i)}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, str(arg)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=1800)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(out)
-    return outs
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [(Path(tmp) / f"{i}.out", Path(tmp) / f"{i}.err") for i in range(2)]
+        for i, (out, err) in enumerate(logs):
+            env = {**BASE_ENV, "D2I_COORDINATOR": f"127.0.0.1:{port}", "D2I_NUM_PROCESSES": "2",
+                   "D2I_PROCESS_ID": str(i)}
+            with out.open("w") as stdout, err.open("w") as stderr:  # the child keeps its own copies
+                procs.append(subprocess.Popen([sys.executable, "-m", module, str(arg)], cwd=ROOT, env=env,
+                                              stdout=stdout, stderr=stderr))
+        for p, (_, err) in zip(procs, logs, strict=True):
+            p.wait(timeout=1800)
+            assert p.returncode == 0, err.read_text()[-3000:]
+        return [out.read_text() for out, _ in logs]
 
 
 def test_two_processes_match_one(tmp_path):

@@ -21,6 +21,7 @@ STAGES = ("warmup", "create", "self_improve", "evaluate", "generate")
 
 def micro_config():
     c = demo.get_config()
+    c.stages = STAGES  # on the random-weight SD: the prior stage has its own tests (tests/test_prior.py)
     c.data.image_size = (64, 64)
     c.data.scenes.num_train, c.data.scenes.num_test, c.data.scenes.size = 8, 4, (48, 64)
     c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 4, 1, 1

@@ -275,6 +275,7 @@ def test_run_trains_and_evaluates_the_vpd_segmentation_path(tmp_path):
     step = next(m for m in logged if m["stage"] == "warmup")
     assert step["step"] == 1 and np.isfinite(step["loss"]) and step["grad_norm"] > 0 and not step["skipped"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(metrics) == {"untrained", "theta_W"}
+    assert set(metrics) == {"untrained", "theta_W", "create"}  # create: theta_W on its creations (fidelity)
     assert len(list((tmp_path / "run" / "create" / "label").glob("*.png"))) == 4
-    assert all(np.isfinite(m["miou"]) for m in metrics.values())
+    assert metrics["create"]["images"] == 4
+    assert all(np.isfinite(m["miou"]) for m in (metrics["untrained"], metrics["theta_W"], metrics["create"]["real"]))
