@@ -271,7 +271,7 @@ class Run:
         `model/` when that is set (an imported checkpoint, see `weights_conversion.diff2in1`, or another run's
         stage folder)."""
         if stage == "warmup" and self.config.init_from:
-            return as_path(local_copy(f"{self.config.init_from}/model", "config.init_from"))
+            return local_copy(f"{self.config.init_from}/model", "config.init_from")
         return self.workdir / stage / "model"
 
     def load_model(self, stage: str) -> tuple[Any, Any]:
